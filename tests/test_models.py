@@ -1,0 +1,412 @@
+"""Tests for wsss_jax.models: shapes, parameter counts, layer semantics."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wsss_jax import defaults
+from wsss_jax.models import build
+from wsss_jax.models import layers
+from wsss_jax.models import weights
+
+
+def _key(seed):
+  # The counter-based RBG generator compiles several times faster than
+  # threefry on CPU, and initialisation is most of these tests' cost.
+  return jax.random.key(seed, impl='unsafe_rbg')
+
+
+def _init(model, images):
+  return jax.jit(model.init)(_key(0), images)
+
+
+def _apply(model, variables, images, **kwargs):
+  return jax.jit(functools.partial(model.apply, **kwargs))(variables, images)
+
+
+def _tiny_vgg(**overrides):
+  config = defaults.largefov_model()
+  config.width, config.fc_dim = 0.125, 64
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _tiny_resnet(**overrides):
+  config = defaults.resnet101_model()
+  config.resnet_blocks, config.width = (1, 1, 1, 1), 0.125
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _abstract_apply(model, size):
+  variables = build.abstract_variables(model, size)
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  return variables, jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=False), variables, images)
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+
+
+def _conv_geometry(model, variables, images):
+  """{conv path: (strides, dilation, padding)} recorded during a forward."""
+  record = {}
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.Conv) and context.method_name == '__call__':
+      record['/'.join(module.path)] = (module.strides, module.kernel_dilation,
+                                       module.padding)
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(model.apply, variables, images)   # tracing suffices
+  return record
+
+
+def _bn_affine_count(variables):
+  flat = weights.flatten_variables(variables)
+  return sum(int(np.prod(v.shape)) for k, v in flat.items()
+             if k.startswith('params/') or k.endswith(('/scale', '/bias')))
+
+
+# --------------------------------------------------------------------------
+# Output strides, shapes, parameter counts (full width, shapes only)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('size, expected', [(321, 41), (375, 47), (500, 63)])
+def test_vgg_largefov_output_stride_8(size, expected):
+  config = defaults.largefov_model()
+  _, out = _abstract_apply(build.build_model(config, 21), size)
+  assert out['logits'].shape == (2, expected, expected, 21)
+  assert out['features'].shape == (2, expected, expected, 1024)
+  assert out['logits'].dtype == jnp.float32
+  assert 'levels' not in out
+  assert build.feature_size(config, size) == expected
+
+
+def test_resnet101_output_stride_8_and_levels():
+  config = defaults.resnet101_model()
+  _, out = _abstract_apply(build.build_model(config, 21), 321)
+  assert out['logits'].shape == (2, 41, 41, 21)
+  assert out['features'].shape == (2, 41, 41, 2048)
+  assert _shapes(out['levels']) == {
+      'c2': (2, 81, 81, 256), 'c3': (2, 41, 41, 512),
+      'c4': (2, 41, 41, 1024), 'c5': (2, 41, 41, 2048)}
+
+
+@pytest.mark.parametrize('output_stride, sides', [
+    (16, (33, 17, 9, 9)), (32, (33, 17, 9, 5))])
+def test_resnet_other_output_strides(output_stride, sides):
+  config = _tiny_resnet(output_stride=output_stride)
+  _, out = _abstract_apply(build.build_model(config, 3), 129)
+  got = tuple(out['levels'][f'c{i}'].shape[1] for i in range(2, 6))
+  assert got == sides
+  assert build.feature_size(config, 129) == sides[-1]
+
+
+@pytest.mark.parametrize('size', [321, 320, 512, 513, 97])
+@pytest.mark.parametrize('layout_msra', [True, False])
+def test_feature_size_matches_network(size, layout_msra):
+  config = _tiny_resnet(resnet_stride_in_1x1=layout_msra,
+                        resnet_stem_ceil_mode=layout_msra)
+  _, out = _abstract_apply(build.build_model(config, 3), size)
+  assert out['logits'].shape[1] == build.feature_size(config, size)
+  _, out = _abstract_apply(build.build_model(_tiny_vgg(), 3), size)
+  assert out['logits'].shape[1] == build.feature_size(_tiny_vgg(), size)
+
+
+def test_resnet_stem_pool_ceil_vs_floor_differ_on_even_sizes():
+  # 512 -> 256 after the stem conv; ceil-mode pool gives 129, floor 128.
+  ceil = build.feature_size(_tiny_resnet(), 512)
+  floor = build.feature_size(_tiny_resnet(resnet_stem_ceil_mode=False), 512)
+  assert (ceil, floor) == (65, 64)
+
+
+@pytest.mark.parametrize('head_bias, num_classes, expected', [
+    (False, 21, 20_505_408),   # BANA Labeler / DeepLab_LargeFOV (bana.md 5.3)
+    (True, 21, 20_505_429),    # LPG Deeplab_LargeFOV (lpg.md 4.5)
+    (True, 61, 20_546_429),    # LPG COCO-60 model
+])
+def test_largefov_parameter_counts(head_bias, num_classes, expected):
+  config = defaults.largefov_model()
+  config.head_bias = head_bias
+  variables = build.abstract_variables(build.build_model(config, num_classes))
+  assert set(variables) == {'params'}
+  assert set(variables['params']) == {'backbone', 'head'}
+  assert build.param_count(variables['params']) == expected
+
+
+def test_resnet_parameter_counts():
+  # LPG's DeepLabV2_ResNet101 (V2 ASPP with bias, lpg.md 4.6) and BANA's
+  # variant (256-channel ASPP + biasless classifier, bana.md 5.7); PyTorch
+  # counts BN affine parameters, which frozen BN keeps in batch_stats.
+  config = defaults.resnet101_model()
+  variables = build.abstract_variables(build.build_model(config, 21))
+  assert set(variables['params']) == {'backbone', 'head'}
+  assert _bn_affine_count(variables) == 44_048_532
+  config.aspp_dim, config.head_bias = 256, False
+  variables = build.abstract_variables(build.build_model(config, 21))
+  assert _bn_affine_count(variables) == 61_379_904
+  assert _shapes(variables['params']['head']['classifier']) == {
+      'kernel': (1, 1, 256, 21)}
+
+
+# --------------------------------------------------------------------------
+# Layer semantics against hand-computed arrays
+# --------------------------------------------------------------------------
+def _grid(values):
+  return jnp.asarray(values, jnp.float32)[None, :, :, None]
+
+
+def test_max_pool_floor_and_ceil_mode_hand_computed():
+  x = _grid(np.arange(16).reshape(4, 4))
+  floor = layers.max_pool2d(x, 3, 2, 1, ceil_mode=False)[0, :, :, 0]
+  np.testing.assert_array_equal(floor, [[5, 7], [13, 15]])
+  # Ceil mode adds a window starting at row/col 3 (covering 3 and padding).
+  ceil = layers.max_pool2d(x, 3, 2, 1, ceil_mode=True)[0, :, :, 0]
+  np.testing.assert_array_equal(ceil, [[5, 7, 7], [13, 15, 15], [13, 15, 15]])
+
+
+def test_max_pool_ceil_mode_drops_window_starting_in_padding():
+  # size 5, k 2, s 2, p 1: ceil gives 4 windows, but the 4th starts at 5 =
+  # size + padding - 1 + 1 (inside the right padding) and PyTorch drops it.
+  assert layers.pool_output_size(5, 2, 2, 1, ceil_mode=True) == 3
+  assert layers.pool_output_size(6, 2, 2, 1, ceil_mode=True) == 4
+  assert layers.pool_output_size(6, 2, 2, 1, ceil_mode=False) == 4
+  x = _grid(-np.arange(25).reshape(5, 5))       # max = top-left of window
+  out = layers.max_pool2d(x, 2, 2, 1, ceil_mode=True)[0, :, :, 0]
+  np.testing.assert_array_equal(out, [[0, -1, -3], [-5, -6, -8],
+                                      [-15, -16, -18]])
+
+
+def test_max_pool_padding_is_minus_infinity():
+  x = _grid(-np.ones((3, 3)))
+  out = layers.max_pool2d(x, 3, 1, 1)[0, :, :, 0]
+  np.testing.assert_array_equal(out, -np.ones((3, 3)))
+
+
+def test_avg_pool_count_include_pad_hand_computed():
+  x = _grid(np.ones((3, 3)))
+  out = layers.avg_pool2d(x, 3, 1, 1, count_include_pad=True)[0, :, :, 0]
+  np.testing.assert_allclose(out, np.array([[4, 6, 4], [6, 9, 6], [4, 6, 4]])
+                             / 9, rtol=1e-6)
+  excluded = layers.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+  np.testing.assert_allclose(excluded, np.ones((1, 3, 3, 1)), rtol=1e-6)
+
+
+def test_pool_input_smaller_than_window_raises():
+  with pytest.raises(ValueError, match='smaller than the window'):
+    layers.pool_output_size(1, 5, 1, 1)
+  with pytest.raises(ValueError, match='half the window'):
+    layers.pool_output_size(9, 3, 1, 2)
+
+
+def test_vgg_dilations_and_strides():
+  model = build.build_model(_tiny_vgg(), 3)
+  images = jax.ShapeDtypeStruct((1, 17, 17, 3), jnp.float32)
+  variables = build.abstract_variables(model, 17)
+  geometry = _conv_geometry(model, variables, images)
+  assert geometry['backbone/conv4_3'] == ((1, 1), (1, 1), ((1, 1), (1, 1)))
+  for name in ('conv5_1', 'conv5_2', 'conv5_3'):
+    assert geometry[f'backbone/{name}'] == ((1, 1), (2, 2), ((2, 2), (2, 2)))
+  assert geometry['backbone/fc6'] == ((1, 1), (12, 12), ((12, 12), (12, 12)))
+  assert geometry['backbone/fc7'][1] == (1, 1)
+  assert len(geometry) == 16       # 13 convs, fc6, fc7, classifier
+  bana_stage1 = build.build_model(_tiny_vgg(fc6_dilation=1), 3)
+  assert _conv_geometry(bana_stage1, variables, images)['backbone/fc6'][1] == (
+      1, 1)
+
+
+@pytest.mark.parametrize('msra', [True, False])
+def test_resnet_dilations_and_stride_placement(msra):
+  model = build.build_model(_tiny_resnet(resnet_stride_in_1x1=msra), 3)
+  images = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
+  variables = build.abstract_variables(model, 33)
+  geometry = _conv_geometry(model, variables, images)
+  strided = sorted(k for k, v in geometry.items() if v[0] != (1, 1))
+  first = 'conv1' if msra else 'conv2'
+  assert strided == ['backbone/conv1', f'backbone/layer2/block1/{first}',
+                     'backbone/layer2/block1/shortcut_conv']
+  assert geometry['backbone/layer3/block1/conv2'][1:] == ((2, 2), ((2, 2),) * 2)
+  assert geometry['backbone/layer4/block1/conv2'][1:] == ((4, 4), ((4, 4),) * 2)
+  for index, rate in enumerate((6, 12, 18, 24)):
+    assert geometry[f'head/c{index}'][1] == (rate, rate)
+
+
+# --------------------------------------------------------------------------
+# Batch norm
+# --------------------------------------------------------------------------
+def test_frozen_batch_norm_hand_computed():
+  module = layers.FrozenBatchNorm()
+  x = jnp.array([[1.0, 2.0], [3.0, -1.0]])
+  stats = {'scale': jnp.array([2.0, 1.0]), 'bias': jnp.array([0.5, -1.0]),
+           'mean': jnp.array([1.0, 0.0]), 'var': jnp.array([4.0, 1.0])}
+  out = module.apply({'batch_stats': stats}, x)
+  eps = 1e-5
+  expected = [[0.5, 2 / np.sqrt(1 + eps) - 1],
+              [(3 - 1) * 2 / np.sqrt(4 + eps) + 0.5, -1 / np.sqrt(1 + eps) - 1]]
+  np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_frozen_bn_resnet_has_no_bn_params_and_stays_fixed():
+  model = build.build_model(_tiny_resnet(), 3)
+  images = jax.random.normal(_key(1), (2, 33, 33, 3))
+  variables = _init(model, images)
+  flat_params = weights.flatten_variables(variables['params'])
+  assert not [k for k in flat_params if '/bn' in k or 'shortcut_bn' in k]
+  stats = weights.flatten_variables(variables['batch_stats'])
+  assert {k.rsplit('/', 1)[1] for k in stats} == {'scale', 'bias', 'mean', 'var'}
+  _, updated = _apply(model, variables, images, train=True,
+                           mutable=['batch_stats'])
+  for key, value in weights.flatten_variables(updated['batch_stats']).items():
+    np.testing.assert_array_equal(value, stats[key])
+
+
+def test_trained_bn_uses_pytorch_momentum():
+  model = build.build_model(_tiny_resnet(frozen_bn=False), 3)
+  images = jax.random.normal(_key(1), (2, 33, 33, 3))
+  variables = _init(model, images)
+  assert 'scale' in variables['params']['backbone']['bn1']
+  _, updated = _apply(model, variables, images, train=True,
+                           mutable=['batch_stats'])
+  # Stem BN input = the stem conv output; running mean = 0.9 * 0 + 0.1 * mean.
+  conv = variables['params']['backbone']['conv1']['kernel']
+  stem = jax.lax.conv_general_dilated(
+      images, conv, (2, 2), ((3, 3), (3, 3)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(updated['batch_stats']['backbone']['bn1']['mean'],
+                             0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4,
+                             atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Dropout, dtype, heads, forward + grad
+# --------------------------------------------------------------------------
+def test_channel_dropout_drops_whole_channels():
+  x = jnp.ones((4, 5, 6, 32))
+  out = layers.channel_dropout(0.5, train=True).apply(
+      {}, x, rngs={'dropout': _key(3)})
+  per_channel = np.asarray(out)
+  assert np.all(per_channel == per_channel[:, :1, :1, :])   # constant over h, w
+  assert set(np.unique(per_channel)) == {0.0, 2.0}
+  evaluated = layers.channel_dropout(0.5, train=False).apply({}, x)
+  np.testing.assert_array_equal(evaluated, x)
+
+
+def test_vgg_dropout_only_in_training():
+  model = build.build_model(_tiny_vgg(dropout=0.5), 3)
+  images = jax.random.normal(_key(1), (1, 17, 17, 3))
+  variables = _init(model, images)
+  first = _apply(model, variables, images, train=True,
+                      rngs={'dropout': _key(1)})['features']
+  second = _apply(model, variables, images, train=True,
+                       rngs={'dropout': _key(2)})['features']
+  assert not np.allclose(first, second)
+  evaluated = _apply(model, variables, images, train=False)['features']
+  np.testing.assert_array_equal(
+      evaluated, _apply(model, variables, images, train=False)['features'])
+  zero_maps = lambda f: np.all(np.asarray(f) == 0, axis=(1, 2))
+  # fc7's Dropout2d zeroes about half of the 64 channels as whole maps,
+  # including channels that are active without dropout.
+  assert np.sum(zero_maps(first) & ~zero_maps(evaluated)) >= 8
+
+
+@pytest.mark.parametrize('make_config', [_tiny_vgg, _tiny_resnet])
+def test_bfloat16_compute_float32_params_and_logits(make_config):
+  images = jax.random.normal(_key(1), (1, 33, 33, 3))
+  model32 = build.build_model(make_config(), 3)
+  model16 = build.build_model(make_config(), 3, dtype='bfloat16')
+  variables = _init(model32, images)
+  init16 = build.abstract_variables(model16, 33)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(init16))
+  out16 = _apply(model16, variables, images)
+  out32 = _apply(model32, variables, images)
+  assert out16['logits'].dtype == jnp.float32
+  assert out16['features'].dtype == jnp.float32
+  assert np.all(np.isfinite(out16['logits']))
+  scale = float(jnp.abs(out32['logits']).max())
+  np.testing.assert_allclose(out16['logits'], out32['logits'],
+                             atol=0.05 * scale + 1e-6)
+  if 'levels' in out16:
+    assert out16['levels']['c5'].dtype == jnp.bfloat16
+
+
+def test_aspp_variants():
+  standard = build.build_model(_tiny_resnet(), 5)
+  _, out = _abstract_apply(standard, 33)
+  assert out['features'].shape[-1] == 256          # C5 at width 1/8
+  variables = build.abstract_variables(standard, 33)
+  assert _shapes(variables['params']['head']['c0']) == {
+      'kernel': (3, 3, 256, 5), 'bias': (5,)}
+  bana = build.build_model(_tiny_resnet(aspp_dim=16, head_bias=False), 5)
+  variables, out = _abstract_apply(bana, 33)
+  assert out['features'].shape == (2, 5, 5, 16)
+  assert out['logits'].shape == (2, 5, 5, 5)
+  assert _shapes(variables['params']['head']['c3']) == {
+      'kernel': (3, 3, 256, 16)}
+  linear = build.build_model(_tiny_resnet(head='linear'), 5)
+  variables = build.abstract_variables(linear, 33)
+  assert _shapes(variables['params']['head']) == {
+      'classifier': {'kernel': (1, 1, 256, 5), 'bias': (5,)}}
+
+
+def test_head_initialisation_is_deeplab_normal():
+  config = defaults.largefov_model()
+  config.width, config.fc_dim = 0.125, 512
+  model = build.build_model(config, 40)
+  variables = _init(model, jnp.zeros((1, 9, 9, 3)))
+  head = variables['params']['head']['classifier']
+  assert abs(float(head['kernel'].std()) - 0.01) < 0.001
+  np.testing.assert_array_equal(head['bias'], 0)
+
+
+@pytest.mark.parametrize('make_config', [_tiny_vgg, _tiny_resnet])
+def test_tiny_forward_and_grad_are_finite(make_config):
+  model = build.build_model(make_config(dropout=0.5), 4)
+  images = jax.random.normal(_key(1), (2, 25, 25, 3))
+  variables = _init(model, images)
+
+  @jax.jit
+  def loss_fn(params):
+    out, _ = model.apply({**variables, 'params': params}, images, train=True,
+                         rngs={'dropout': _key(5)},
+                         mutable=['batch_stats'])
+    return jnp.mean(jax.nn.log_softmax(out['logits'])[..., 1])
+
+  loss, grads = jax.value_and_grad(loss_fn)(variables['params'])
+  assert np.isfinite(float(loss))
+  norms = jax.tree.map(lambda g: float(jnp.abs(g).sum()), grads)
+  assert all(np.isfinite(n) for n in jax.tree.leaves(norms))
+  assert norms['head'] and sum(jax.tree.leaves(norms['head'])) > 0
+  assert sum(jax.tree.leaves(norms['backbone'])) > 0
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+  model = build.build_model(_tiny_vgg(), 3)
+  with pytest.raises(ValueError, match='already normalised'):
+    model.init(_key(0), jnp.zeros((1, 9, 9, 3), jnp.uint8))
+  with pytest.raises(ValueError, match=r'\(B, H, W, 3\)'):
+    model.init(_key(0), jnp.zeros((1, 3, 9, 9)))
+  with pytest.raises(ValueError, match='model.backbone'):
+    build.build_model(_tiny_vgg(backbone='vgg19'), 3)
+  with pytest.raises(ValueError, match='model.head'):
+    build.build_model(_tiny_vgg(head='aspp_v3'), 3)
+  with pytest.raises(ValueError, match='num_classes'):
+    build.build_model(_tiny_vgg(), 0)
+  with pytest.raises(ValueError, match='width'):
+    build.build_model(_tiny_vgg(width=0.0), 3)
+  with pytest.raises(ValueError, match='floating'):
+    build.build_model(_tiny_vgg(), 3, dtype=jnp.int32)
+  with pytest.raises(ValueError, match='output_stride'):
+    build.abstract_variables(build.build_model(_tiny_resnet(output_stride=4),
+                                               3), 33)

@@ -1,0 +1,119 @@
+"""Rejects out-of-range configuration values before any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+# Fields that may change between a run and its resumption without changing
+# what is computed (parallelism, host workers, logging cadence).
+RESUME_SAFE_FIELDS = ('input.worker_count', 'eval.crf_workers',
+                      'mesh.num_devices', 'train.log_every')
+
+
+class ConfigError(ValueError):
+  """One or more configuration values are invalid (all are listed)."""
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming every invalid field of `config`."""
+  errors: list[str] = []
+
+  def need(condition: bool, field: str, message: str) -> None:
+    if not condition:
+      errors.append(f'{field}: {message}')
+
+  optim, train, inp, ev = config.optim, config.train, config.input, config.eval
+  need(optim.lr > 0, 'optim.lr', f'must be > 0, got {optim.lr}')
+  need(0 <= optim.momentum < 1, 'optim.momentum',
+       f'must be in [0, 1), got {optim.momentum}')
+  need(optim.weight_decay >= 0, 'optim.weight_decay',
+       f'must be >= 0, got {optim.weight_decay}')
+  for group, mult in optim.lr_mult.items():
+    need(mult >= 0, f'optim.lr_mult.{group}', f'must be >= 0, got {mult}')
+  need(train.num_steps >= 1, 'train.num_steps',
+       f'must be >= 1, got {train.num_steps}')
+  for field in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    need(train[field] >= 1, f'train.{field}',
+         f'must be >= 1, got {train[field]}')
+  need(train.eval_every >= 0, 'train.eval_every', 'must be >= 0')
+  need(inp.batch_size >= 1, 'input.batch_size',
+       f'must be >= 1, got {inp.batch_size}')
+  need(inp.crop_size >= 8, 'input.crop_size',
+       f'must be >= 8, got {inp.crop_size}')
+  low, high = tuple(inp.scale_range)
+  need(0 < low <= high, 'input.scale_range',
+       f'must satisfy 0 < low <= high, got {(low, high)}')
+  need(all(s > 0 for s in inp.scales), 'input.scales',
+       f'must be positive, got {tuple(inp.scales)}')
+  need(inp.color_jitter >= 0, 'input.color_jitter', 'must be >= 0')
+  need(inp.max_boxes >= 1, 'input.max_boxes', 'must be >= 1')
+  need(inp.worker_count >= 0, 'input.worker_count', 'must be >= 0')
+  need(ev.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
+  need(ev.bucket_size == 0 or ev.bucket_size >= inp.crop_size,
+       'eval.bucket_size', f'({ev.bucket_size}) is smaller than '
+       f'input.crop_size ({inp.crop_size}); use 0 (automatic) or a larger '
+       'bucket')
+  need(all(s > 0 for s in ev.scales) and len(ev.scales) > 0, 'eval.scales',
+       f'must be non-empty and positive, got {tuple(ev.scales)}')
+  need(ev.max_images >= 0, 'eval.max_images', 'must be >= 0')
+  need(config.compute_dtype in ('float32', 'bfloat16'), 'compute_dtype',
+       f"must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
+  if config.data.name.startswith('shapes'):
+    shapes = config.data.shapes
+    need(16 <= shapes.image_size <= 1024, 'data.shapes.image_size',
+         f'must be in [16, 1024], got {shapes.image_size}')
+    need(1 <= shapes.num_classes <= 6, 'data.shapes.num_classes',
+         f'must be in [1, 6], got {shapes.num_classes}')
+    need(shapes.num_train >= 1 and shapes.num_val >= 1,
+         'data.shapes.num_train/num_val', 'must be >= 1')
+    need(1 <= shapes.min_objects <= shapes.max_objects,
+         'data.shapes.min_objects/max_objects',
+         'need 1 <= min_objects <= max_objects')
+  if errors:
+    raise ConfigError('Invalid configuration:\n  ' + '\n  '.join(errors))
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_as_dict(config) -> dict[str, Any]:
+  """A JSON round-trippable dict of the config (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def check_workdir_config(config, workdir: str) -> None:
+  """Refuses to resume a workdir that was started with another config.
+
+  The first run writes `<workdir>/config.json`; a rerun compares against it
+  (fields in RESUME_SAFE_FIELDS may differ).
+  """
+  path = os.path.join(workdir, 'config.json')
+  current = config_as_dict(config)
+  if not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  old, new = _flatten(previous), _flatten(current)
+  changed = sorted(
+      key for key in set(old) | set(new)
+      if old.get(key) != new.get(key) and key not in RESUME_SAFE_FIELDS)
+  if changed:
+    details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
+                        for k in changed[:8])
+    raise ConfigError(
+        f'{workdir} holds a run started with a different configuration '
+        f'({len(changed)} field(s) differ: {details}). Use another --workdir, '
+        'or delete this one to start over.')

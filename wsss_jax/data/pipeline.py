@@ -1,0 +1,142 @@
+"""Input pipelines: grain over tfds data sources, numpy augmentation.
+
+    source = with_label_folders(dataset.source('train'), {'pseudo': folder})
+    loader = train_loader(source, transform, batch_size=16, seed=0)
+    for batch in iter(loader): ...        # fixed-shape numpy batches
+
+The train iterator is infinite, shuffled per epoch from the seed, and
+checkpointable (its state is saved with the train state).  Evaluation batches
+are padded to the batch size so every step has one shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping
+
+import grain
+import jax
+import numpy as np
+
+from wsss_jax.data import schema
+from wsss_jax.data.label_png import LabelFolder
+from wsss_jax.data.transforms import EvalTransform, TrainTransform
+
+__all__ = ['EvalTransform', 'TrainTransform', 'LabelJoinedSource',
+           'with_label_folders', 'train_loader', 'eval_batches', 'Subset']
+
+
+class LabelJoinedSource:
+  """A source whose examples gain label maps read from PNG folders.
+
+  Pseudo-label stages write `<folder>/<image_id>.png`; this joins them by
+  image id at load time (the tfds dataset is never rebuilt per round).
+  """
+
+  def __init__(self, source, folders: Mapping[str, str]):
+    self._source = source
+    self._folders = {key: LabelFolder(path) for key, path in folders.items()}
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self._source[index]
+    height, width = example[schema.IMAGE].shape[:2]
+    for key, folder in self._folders.items():
+      example[key] = folder.read(example[schema.IMAGE_ID],
+                                 expected_hw=(height, width))
+    return example
+
+  def __repr__(self) -> str:
+    # grain compares repr(source) when restoring an iterator: keep it stable.
+    folders = ', '.join(f'{k}={f.root}' for k, f in sorted(
+        self._folders.items()))
+    return f'LabelJoinedSource({self._source!r}, {folders})'
+
+
+def with_label_folders(source, folders: Mapping[str, str],
+                       image_ids=None):
+  """Joins label folders onto `source`, first checking none is incomplete.
+
+  Args:
+    source: a random-access source of schema examples.
+    folders: {batch key: folder of <image_id>.png}.
+    image_ids: the ids the source will yield (e.g. `Dataset.index(split)
+      .image_ids`); when given, every folder must hold all of them, and a
+      missing one raises an error listing a few.
+  """
+  if image_ids is not None:
+    for folder in folders.values():
+      LabelFolder(folder).check_complete(list(image_ids))
+  return LabelJoinedSource(source, folders) if folders else source
+
+
+class Subset:
+  """The first `size` records of a source (periodic evaluation subsets)."""
+
+  def __init__(self, source, size: int):
+    self._source = source
+    self._size = min(int(size), len(source)) if size else len(source)
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._size:
+      raise IndexError(index)
+    return self._source[index]
+
+  def __repr__(self) -> str:
+    return f'Subset({self._source!r}, {self._size})'
+
+
+def train_loader(source, transform: TrainTransform, batch_size: int,
+                 seed: int, worker_count: int = 0) -> grain.DataLoader:
+  """An infinite, shuffled, checkpointable loader of augmented batches.
+
+  `batch_size` is global; each process loads its share of every batch.
+  """
+  per_process = batch_size // jax.process_count()
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+      shuffle=True, num_epochs=None, seed=int(seed))
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[transform,
+                  grain.transforms.Batch(per_process, drop_remainder=True)],
+      worker_count=int(worker_count))
+
+
+@dataclasses.dataclass
+class EvalBatch:
+  """One padded evaluation batch: `count` real examples, then padding."""
+  data: dict[str, np.ndarray]
+  count: int
+
+
+def eval_batches(source, transform: EvalTransform, batch_size: int,
+                 worker_count: int = 0) -> Iterator[EvalBatch]:
+  """This process's share of `source`, in order, in fixed-size batches.
+
+  The last batch is padded by repeating its final example (`count` says how
+  many are real), so the predict function compiles once.
+  """
+  per_process = batch_size // jax.process_count()
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=False),
+      shuffle=False, num_epochs=1, seed=0)
+  loader = grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[transform,
+                  grain.transforms.Batch(per_process, drop_remainder=False)],
+      worker_count=int(worker_count))
+  for batch in loader:
+    count = len(batch[schema.IMAGE_ID])
+    if count < per_process:
+      batch = {key: np.concatenate(
+          [value, np.repeat(value[-1:], per_process - count, axis=0)])
+               for key, value in batch.items()}
+    yield EvalBatch(batch, count)

@@ -1,0 +1,273 @@
+"""Building blocks for config files (`configs/*.py`).
+
+Each function returns one `ConfigDict` section with every field a run may read,
+so that `--config.a.b=value` overrides are type-checked and typos rejected.  A
+config file composes them and overrides a few values; it stays a thin file.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+def shapes_data(aux: bool = False) -> ConfigDict:
+  """The embedded synthetic benchmark (no download; generated and cached)."""
+  return ConfigDict(dict(
+      name='shapes_aux' if aux else 'shapes',
+      data_dir='',              # '' -> $WSSS_JAX_DATA_DIR or ~/.cache/wsss_jax
+      train_split='train',
+      val_split='val',
+      shapes=dict(
+          image_size=128,
+          num_classes=6,
+          num_train=2000,
+          num_val=300,
+          min_objects=1,
+          max_objects=4,
+          seed=0,
+      ),
+  ))
+
+
+def voc_data() -> ConfigDict:
+  """PASCAL VOC 2012 (+ SBD) from local files."""
+  return ConfigDict(dict(
+      name='voc',
+      data_dir='',
+      train_split='train_aug',
+      val_split='val',
+      voc=dict(
+          voc_root='',          # .../VOCdevkit/VOC2012
+          sbd_root='',          # .../benchmark_RELEASE/dataset (optional)
+          seg_aug_root='',      # a ready SegmentationClassAug/ folder (optional)
+      ),
+  ))
+
+
+def coco_data(class_set: str = 'all') -> ConfigDict:
+  """MS-COCO instances from local files; `class_set` 'all' or 'non_voc'."""
+  return ConfigDict(dict(
+      name='coco',
+      data_dir='',
+      train_split='train',
+      val_split='val',
+      coco=dict(
+          root='',              # holds annotations/ and the image folders
+                                # (directly or under images/)
+          train_images='train2017',
+          val_images='val2017',
+          train_annotations='annotations/instances_train2017.json',
+          val_annotations='annotations/instances_val2017.json',
+          class_set=class_set,
+      ),
+  ))
+
+
+def input_pipeline(crop_size: int = 112, batch_size: int = 16) -> ConfigDict:
+  """Training-time augmentation and batching (numpy, grain)."""
+  return ConfigDict(dict(
+      crop_size=crop_size,
+      batch_size=batch_size,
+      scale_range=(0.75, 1.25),  # continuous U(lo, hi); unused if `scales`
+      scales=(),                 # discrete random scale choices (LPG, DeepLab)
+      flip=True,
+      color_jitter=0.0,          # f ~ U(1 - s, 1 + s) for brightness/contrast/saturation
+      pad_mode='bottom_right',   # or 'symmetric' (BANA)
+      max_boxes=16,
+      worker_count=0,
+      normalization='',          # '' -> from model.weights_source
+  ))
+
+
+# ----------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------
+def tiny_model() -> ConfigDict:
+  """LargeFOV topology at 1/8 width: trains in minutes on a laptop CPU."""
+  config = largefov_model()
+  config.width = 0.125
+  config.fc_dim = 128
+  config.dropout = 0.0
+  return config
+
+
+def largefov_model(fc6_dilation: int = 12) -> ConfigDict:
+  """DeepLab-LargeFOV (VGG16), output stride 8."""
+  return ConfigDict(dict(
+      backbone='vgg16_largefov',
+      width=1.0,
+      fc6_dilation=fc6_dilation,
+      fc_dim=1024,
+      dropout=0.5,
+      head='linear',
+      head_bias=True,
+      aspp_rates=(6, 12, 18, 24),
+      aspp_dim=0,
+      frozen_bn=True,
+      init_weights='',           # local .npz from tools.convert_weights
+      dont_load=('(params|batch_stats)/head/.*',),  # regexes not taken from it
+      weights_source='caffe',    # 'caffe' or 'torchvision': input normalisation
+  ))
+
+
+def resnet101_model() -> ConfigDict:
+  """DeepLab-v2 ResNet-101 (MSRA layout), output stride 8, ASPP summed."""
+  config = largefov_model()
+  config.backbone = 'resnet101_deeplab'
+  config.head = 'aspp_v2'
+  config.dropout = 0.0
+  config.resnet_blocks = (3, 4, 23, 3)     # bottlenecks in C2..C5
+  config.resnet_stride_in_1x1 = True       # MSRA layout; False = torchvision v1.5
+  config.resnet_stem_ceil_mode = True      # MSRA stem pool; False = torchvision
+  config.output_stride = 8                 # 8 (dilations 2, 4), 16 or 32
+  return config
+
+
+# ----------------------------------------------------------------------------
+# Optimisation, training, evaluation
+# ----------------------------------------------------------------------------
+def sgd_deeplab(lr: float = 1e-3) -> ConfigDict:
+  """SGD with the DeepLab parameter groups and the poly schedule."""
+  return ConfigDict(dict(
+      name='sgd',
+      lr=lr,
+      momentum=0.9,
+      weight_decay=5e-4,
+      schedule='poly',           # 'poly', 'constant' or 'step'
+      poly_power=0.9,
+      step_boundaries=(),        # fractions of num_steps for 'step' (x0.1 each)
+      lr_mult=dict(backbone_weight=1.0, backbone_bias=2.0,
+                   head_weight=10.0, head_bias=20.0),
+      head_modules=('head',),    # top-level param collections in the head group
+      adam_b1=0.9,
+      adam_b2=0.999,
+      adam_eps=1e-8,
+  ))
+
+
+def training(num_steps: int) -> ConfigDict:
+  return ConfigDict(dict(
+      num_steps=num_steps,
+      log_every=10,
+      checkpoint_every=50,
+      keep_checkpoints=2,
+      eval_every=0,              # 0: evaluate at the end of the stage only
+      eval_max_images=64,        # periodic evaluation subset (0 = all)
+  ))
+
+
+def evaluation() -> ConfigDict:
+  return ConfigDict(dict(
+      batch_size=8,
+      bucket_size=0,             # 0: the dataset's largest side, rounded up to 8
+      scales=(1.0,),
+      flip=False,
+      fusion='mean_probs',       # multi-scale/flip: 'mean_probs', 'mean_logits', 'max_logits'
+      align_corners=False,       # bilinear convention for rescaling inputs/logits
+      crf=False,
+      crf_params=dict(iterations=10, gauss_sxy=3.0, gauss_compat=3.0,
+                      bilateral_sxy=67.0, bilateral_srgb=3.0,
+                      bilateral_compat=4.0),
+      crf_workers=2,
+      max_images=0,              # 0 = the whole split
+      save_predictions=True,
+  ))
+
+
+def base_config(name: str, method: str, variant: str = '') -> ConfigDict:
+  """Everything a run reads, with defaults for the embedded benchmark."""
+  config = ConfigDict()
+  config.name = name
+  config.variant = variant
+  config.method = method
+  config.seed = 0
+  config.data = shapes_data()
+  config.input = input_pipeline()
+  config.model = tiny_model()
+  config.optim = sgd_deeplab()
+  config.train = training(num_steps=300)
+  config.eval = evaluation()
+  config.mesh = ConfigDict(dict(num_devices=0))   # 0: every device
+  config.compute_dtype = 'float32'                # or 'bfloat16' (params fp32)
+  config.report = ConfigDict(dict(num_examples=6))
+  return config
+
+
+# ----------------------------------------------------------------------------
+# Presets shared by every config file (applied by variant name)
+# ----------------------------------------------------------------------------
+def tiny_preset(config: ConfigDict) -> ConfigDict:
+  """Seconds-long end-to-end runs for tests: 32-px images, 2 steps."""
+  config.data.shapes.update(image_size=32, num_train=8, num_val=4)
+  config.input.update(crop_size=32, batch_size=4, max_boxes=8)
+  config.model.update(width=0.0625, fc_dim=16)
+  config.train.update(num_steps=2, log_every=1, checkpoint_every=1,
+                      eval_every=0)
+  config.eval.update(batch_size=4)
+  config.report.num_examples = 2
+  return config
+
+
+def voc_preset(config: ConfigDict) -> ConfigDict:
+  """The papers' DeepLab-LargeFOV (VGG16) setting on VOC 2012 train_aug/val.
+
+  Batch 20, crop 321, lr 1e-3 with the 1x/2x/10x/20x groups, poly 0.9,
+  23,805 iterations (45 epochs; BANA stage 3), scale U(0.5, 1.5), flip,
+  caffe normalisation; a local converted vgg16_20M file in
+  model.init_weights (none is downloaded).
+  """
+  config.data = voc_data()
+  config.model = largefov_model()
+  config.input.update(crop_size=321, batch_size=20, scale_range=(0.5, 1.5),
+                      pad_mode='symmetric', max_boxes=64, worker_count=4)
+  config.optim = sgd_deeplab(lr=1e-3)
+  config.train.update(num_steps=23805, log_every=20, checkpoint_every=1000,
+                      eval_every=5000, eval_max_images=300)
+  config.eval.update(batch_size=8, bucket_size=504, crf_workers=8)
+  return config
+
+
+def voc_resnet_preset(config: ConfigDict) -> ConfigDict:
+  """DeepLab-v2 ResNet-101 (MSRA layout, OS 8, frozen BN, ASPP summed):
+  batch 10, lr 2.5e-4, 20k iterations, discrete scales 0.5..1.5 (LPG)."""
+  voc_preset(config)
+  config.model = resnet101_model()
+  config.input.update(batch_size=10, scales=(0.5, 0.75, 1.0, 1.25, 1.5),
+                      pad_mode='bottom_right')
+  config.optim = sgd_deeplab(lr=2.5e-4)
+  config.train.num_steps = 20000
+  return config
+
+
+def coco_preset(config: ConfigDict) -> ConfigDict:
+  """The LargeFOV setting on COCO 2017 (81 classes with background)."""
+  voc_preset(config)
+  config.data = coco_data('all')
+  config.input.max_boxes = 100
+  config.eval.bucket_size = 640
+  return config
+
+
+PRESETS = {
+    '': lambda config: config,
+    'tiny': tiny_preset,
+    'voc': voc_preset,
+    'voc_resnet': voc_resnet_preset,
+    'coco': coco_preset,
+}
+
+
+def apply_variant(config: ConfigDict, variant: str, allowed=None) -> ConfigDict:
+  """Applies the preset named `variant` (clear error for unknown names)."""
+  allowed = tuple(allowed if allowed is not None else PRESETS)
+  if variant not in allowed or variant not in PRESETS:
+    raise ValueError(f'Unknown variant {variant!r} for config '
+                     f'{config.name!r}; choose one of '
+                     f"{[v for v in allowed if v] or 'none'}.")
+  config.variant = variant
+  return PRESETS[variant](config)

@@ -1,0 +1,232 @@
+"""Full-image inference and split evaluation.
+
+Images are padded (bottom/right) to one bucket size so the predictor compiles
+once; multi-scale and flip passes are fused on the device; the optional
+DenseCRF runs in host worker processes while the device computes the next
+batch.  Every evaluated image can be written as a VOC-palette PNG.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from wsss_jax.data import pipeline, schema, transforms
+from wsss_jax.data.label_png import write_label_png
+from wsss_jax.evaluation import metrics
+from wsss_jax.host import crf as crf_lib
+from wsss_jax.host.pool import HostPool
+from wsss_jax.ops import image as image_ops
+from wsss_jax.ops.resize import resize_bilinear
+from wsss_jax.training import mesh as mesh_lib
+
+FUSIONS = ('mean_probs', 'mean_logits', 'max_logits')
+
+
+def make_predictor(model, normalization: str, *, scales=(1.0,),
+                   flip: bool = False, fusion: str = 'mean_probs',
+                   align_corners: bool = False, compute_dtype=jnp.float32,
+                   output: str = 'labels') -> Callable:
+  """Jitted `predict(variables, images_uint8 (B, S, S, 3))`.
+
+  For every scale s (and its horizontal flip) the normalised batch is resized
+  to round(S·s), the model's logits are brought back to S×S (bilinear, the
+  `align_corners` convention), flipped logits flipped back, and the passes are
+  fused: 'mean_probs' averages softmax probabilities; 'mean_logits' averages
+  logits then applies softmax (BANA averages cosine logits); 'max_logits'
+  takes the element-wise maximum (LPG's multi-scale fusion).
+
+  Returns float32 probabilities (B, S, S, C) when `output='probs'`, else the
+  uint8 argmax labels (B, S, S) (smaller device-to-host transfer).
+  """
+  if fusion not in FUSIONS:
+    raise ValueError(f'eval.fusion={fusion!r}; expected one of {FUSIONS}.')
+  if not scales or any(s <= 0 for s in scales):
+    raise ValueError(f'eval.scales must be positive, got {tuple(scales)}.')
+  passes = [(float(s), f) for s in scales for f in ((False, True) if flip
+                                                    else (False,))]
+
+  def predict(variables, images):
+    _, height, width, _ = images.shape
+    x = image_ops.normalize_images(images, normalization, compute_dtype)
+    fused = None
+    for scale, flipped in passes:
+      size = (max(1, round(height * scale)), max(1, round(width * scale)))
+      inputs = resize_bilinear(x, size, align_corners)
+      if flipped:
+        inputs = inputs[:, :, ::-1]
+      logits = model.apply(variables, inputs, train=False)['logits']
+      logits = logits.astype(jnp.float32)
+      if flipped:
+        logits = logits[:, :, ::-1]
+      logits = resize_bilinear(logits, (height, width), align_corners)
+      term = jax.nn.softmax(logits) if fusion == 'mean_probs' else logits
+      if fused is None:
+        fused = term
+      elif fusion == 'max_logits':
+        fused = jnp.maximum(fused, term)
+      else:
+        fused = fused + term
+    if fusion != 'max_logits':
+      fused = fused / len(passes)
+    probs = fused if fusion == 'mean_probs' else jax.nn.softmax(fused)
+    if output == 'probs':
+      return probs
+    return jnp.argmax(probs, axis=-1).astype(jnp.uint8)
+
+  return jax.jit(predict)
+
+
+def bucket_size_for(eval_config, index) -> int:
+  """`eval.bucket_size`, or the split's largest side rounded up to 8."""
+  largest = int(max(index.heights.max(), index.widths.max()))
+  if eval_config.bucket_size:
+    if eval_config.bucket_size < largest:
+      worst = int(np.argmax(np.maximum(index.heights, index.widths)))
+      raise ValueError(
+          f'eval.bucket_size={eval_config.bucket_size} is smaller than image '
+          f'{index.image_ids[worst]!r} ({index.heights[worst]}x'
+          f'{index.widths[worst]}); raise it to at least {largest} or set 0.')
+    return int(eval_config.bucket_size)
+  return int(math.ceil(largest / 8) * 8)
+
+
+def _local(array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, as numpy."""
+  if jax.process_count() == 1:
+    return np.asarray(array)
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _crf_labels(item, params: crf_lib.CrfParams) -> np.ndarray:
+  image, probs = item
+  marginals = crf_lib.dense_crf(image, np.transpose(probs, (2, 0, 1)), params)
+  return marginals.argmax(axis=0).astype(np.uint8)
+
+
+class Evaluator:
+  """Scores a model on a split; optionally writes every prediction as PNG.
+
+  Args:
+    model: the Flax module (returns a dict with 'logits').
+    dataset: a `wsss_jax.data.registry.Dataset`.
+    split: split name.
+    eval_config: `config.eval` (`wsss_jax.defaults.evaluation`).
+    normalization: 'caffe' or 'imagenet'.
+    mesh: device mesh; batches are sharded over its 'data' axis.
+    compute_dtype: model computation dtype.
+    worker_count: grain workers for decoding.
+  """
+
+  def __init__(self, model, dataset, split: str, eval_config,
+               normalization: str, mesh, compute_dtype=jnp.float32,
+               worker_count: int = 0, max_boxes: int = 64):
+    self.dataset = dataset
+    self.split = split
+    self.config = eval_config
+    self.mesh = mesh
+    self.worker_count = worker_count
+    mesh_lib.check_batch_size(eval_config.batch_size, mesh,
+                              'eval.batch_size')
+    self.bucket = bucket_size_for(eval_config, dataset.index(split))
+    self.transform = transforms.EvalTransform(
+        bucket_size=self.bucket, num_foreground=dataset.num_classes - 1,
+        max_boxes=max_boxes,
+        image_pad_value=image_ops.pad_color(normalization))
+    self.crf_params = (crf_lib.CrfParams.from_config(eval_config.crf_params)
+                       if eval_config.crf else None)
+    self.predict = make_predictor(
+        model, normalization, scales=tuple(eval_config.scales),
+        flip=bool(eval_config.flip), fusion=eval_config.fusion,
+        align_corners=bool(eval_config.align_corners),
+        compute_dtype=compute_dtype,
+        output='probs' if self.crf_params else 'labels')
+
+  def describe(self) -> dict[str, Any]:
+    return {'split': self.split, 'bucket_size': self.bucket,
+            'scales': list(self.config.scales), 'flip': bool(self.config.flip),
+            'fusion': self.config.fusion, 'crf': bool(self.config.crf)}
+
+  def __call__(self, variables, *, max_images: int = 0,
+               out_dir: str | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Returns `metrics.scores` (+ 'num_images') over the (sub)split."""
+    source = self.dataset.source(self.split)
+    if max_images:
+      source = pipeline.Subset(source, max_images)
+    num_classes = self.dataset.num_classes
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    pending = collections.deque()   # (image_id, gt) awaiting their labels
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+    host_fn = (functools.partial(_crf_labels, params=self.crf_params)
+               if self.crf_params else (lambda item: item))
+    workers = int(self.config.crf_workers) if self.crf_params else 0
+    num_images = 0
+
+    def consume(label):
+      nonlocal num_images
+      image_id, gt = pending.popleft()
+      np.add(conf, metrics.confusion_matrix(gt, label, num_classes), out=conf)
+      if out_dir:
+        write_label_png(os.path.join(out_dir, f'{image_id}.png'), label)
+      num_images += 1
+
+    batches = pipeline.eval_batches(source, self.transform,
+                                    self.config.batch_size, self.worker_count)
+    bar = tqdm.tqdm(total=len(source), desc=f'eval {self.split}',
+                    leave=False, disable=not progress or
+                    jax.process_index() != 0)
+    with HostPool(host_fn, workers, desc='crf', progress=False) as pool:
+      in_flight = None
+      for batch in batches:
+        images = mesh_lib.device_batch({schema.IMAGE: batch.data[
+            schema.IMAGE]}, self.mesh)[schema.IMAGE]
+        outputs = self.predict(variables, images)   # async dispatch
+        if in_flight is not None:
+          for label in self._host_items(pool, *in_flight, pending):
+            consume(label)
+            bar.update(1)
+        in_flight = (batch, outputs)
+      if in_flight is not None:
+        for label in self._host_items(pool, *in_flight, pending):
+          consume(label)
+          bar.update(1)
+      for label in pool.drain():
+        consume(label)
+        bar.update(1)
+    bar.close()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      conf = np.asarray(multihost_utils.process_allgather(conf)).sum(0)
+      num_images = int(np.asarray(
+          multihost_utils.process_allgather(np.int64(num_images))).sum())
+    result = metrics.scores(conf, self.dataset.class_names)
+    result['num_images'] = num_images
+    return result
+
+  def _host_items(self, pool, batch, outputs, pending):
+    """Crops each real example of a finished batch and submits it."""
+    outputs = _local(outputs)
+    data = batch.data
+    for i in range(batch.count):
+      height, width = int(data[transforms.HEIGHT][i]), int(
+          data[transforms.WIDTH][i])
+      gt = data[schema.MASK][i, :height, :width]
+      pending.append((str(data[schema.IMAGE_ID][i]), gt))
+      if self.crf_params:
+        item = (np.ascontiguousarray(data[schema.IMAGE][i, :height, :width]),
+                outputs[i, :height, :width])
+      else:
+        item = outputs[i, :height, :width]
+      yield from pool.submit(item)
+

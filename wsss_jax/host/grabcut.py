@@ -1,0 +1,268 @@
+"""Box-initialised GrabCut pseudo-masks and resumable label-folder generation.
+
+GrabCut (Rother et al. 2004) with OpenCV, one run per box, as the Box2Seg
+paper's M labels (Sect. 3.1; choices of `box2seg.md` section 7, items 14-16):
+
+* rectangle initialisation (`GC_INIT_WITH_RECT`) from the box on the
+  full-resolution image, 5 iterations; foreground = definite or probable
+  foreground;
+* boxes narrower or shorter than 3 px, OpenCV errors and empty results fall
+  back to the filled box (counted);
+* per-box foregrounds are painted largest box first, so the smaller box wins
+  (`wsss_jax.data.boxes.paint_order`); everything else is background.
+
+OpenCV's GrabCut draws from its global RNG (k-means initialisation of the
+colour models), so every call reseeds it: the same image and box always give
+the same mask, whatever ran before in the process.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from wsss_jax.data import boxes as box_lib
+from wsss_jax.data import schema
+from wsss_jax.data.label_png import LabelFolder
+from wsss_jax.host import pool
+
+# Fallback reasons, also the keys of the per-reason counts in the stats.
+FALLBACK_SMALL = 'fallback_small'
+FALLBACK_ERROR = 'fallback_error'
+FALLBACK_EMPTY = 'fallback_empty'
+_MIN_SIDE = 3
+
+# label_fn(example) -> label map uint8 (H, W), or (label map, stats
+# {name: count}).
+LabelFn = Callable[[Mapping[str, Any]],
+                   np.ndarray | tuple[np.ndarray, Mapping[str, int]]]
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'GrabCut: image must be uint8 (H, W, 3) RGB, got '
+                     f'{image.dtype} {image.shape}.')
+  return image
+
+
+def _pixel_rect(box: np.ndarray, height: int,
+                width: int) -> tuple[int, int, int, int]:
+  """(x, y, w, h) of the pixels whose centres lie in an edge box, clipped.
+
+  Columns j with x0 <= j + 0.5 < x1 are ceil(x0 - 0.5) .. ceil(x1 - 0.5) - 1
+  (for integer boxes: x0 .. x1 - 1).  w or h may be <= 0 for empty boxes.
+  """
+  x0, y0, x1, y1 = (float(v) for v in box)
+  first_col = max(int(np.ceil(x0 - 0.5)), 0)
+  last_col = min(int(np.ceil(x1 - 0.5)) - 1, width - 1)
+  first_row = max(int(np.ceil(y0 - 0.5)), 0)
+  last_row = min(int(np.ceil(y1 - 0.5)) - 1, height - 1)
+  return (first_col, first_row, last_col - first_col + 1,
+          last_row - first_row + 1)
+
+
+def grabcut_box(image: np.ndarray, box: np.ndarray, iterations: int = 5,
+                seed: int = 0) -> tuple[np.ndarray, str | None]:
+  """Foreground of one box by GrabCut, or the filled box as a fallback.
+
+  Args:
+    image: uint8 (H, W, 3) RGB (converted to BGR for OpenCV).
+    box: (4,) [x0, y0, x1, y1] half-open pixel-edge box (int or float).
+    iterations: GrabCut iterations.
+    seed: OpenCV RNG seed set before the call (determinism).
+
+  Returns:
+    (mask, fallback): bool (H, W) foreground, always inside the box; and None
+    if GrabCut succeeded, else the reason ('fallback_small': box under 3 px
+    wide or high; 'fallback_error': OpenCV raised, e.g. a box covering the
+    whole image leaves no background sample; 'fallback_empty': GrabCut found
+    no foreground), in which case the mask is the filled box.
+  """
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  image = _check_image(image)
+  height, width = image.shape[:2]
+  box = np.asarray(box, np.float64).reshape(4)
+  filled = box_lib.box_coverage(box[None], height, width)[0]
+  x, y, w, h = _pixel_rect(box, height, width)
+  if w < _MIN_SIDE or h < _MIN_SIDE:
+    return filled, FALLBACK_SMALL
+  gc_mask = np.zeros((height, width), np.uint8)
+  bgd_model = np.zeros((1, 65), np.float64)
+  fgd_model = np.zeros((1, 65), np.float64)
+  bgr = np.ascontiguousarray(image[..., ::-1])
+  cv2.setRNGSeed(int(seed))
+  try:
+    cv2.grabCut(bgr, gc_mask, (x, y, w, h), bgd_model, fgd_model,
+                int(iterations), cv2.GC_INIT_WITH_RECT)
+  except cv2.error:
+    return filled, FALLBACK_ERROR
+  foreground = ((gc_mask == cv2.GC_FGD) | (gc_mask == cv2.GC_PR_FGD)) & filled
+  if not foreground.any():
+    return filled, FALLBACK_EMPTY
+  return foreground, None
+
+
+def _prepare_boxes(boxes: np.ndarray, labels: np.ndarray, height: int,
+                   width: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Drops non-object labels (< 1), clips to the image; returns the drops."""
+  boxes = np.asarray(boxes).reshape(-1, 4)
+  labels = np.asarray(labels).reshape(-1)
+  if len(boxes) != len(labels):
+    raise ValueError(f'{len(boxes)} boxes but {len(labels)} box labels.')
+  keep = labels >= 1
+  boxes, labels, dropped = box_lib.clip_boxes(boxes[keep], labels[keep],
+                                              height, width)
+  return boxes, labels, dropped
+
+
+def grabcut_label_map(image: np.ndarray, boxes: np.ndarray,
+                      labels: np.ndarray, iterations: int = 5,
+                      seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+  """Box2Seg's GrabCut label map M: one GrabCut per box, smaller box on top.
+
+  Args:
+    image: uint8 (H, W, 3) RGB.
+    boxes: (N, 4) half-open pixel-edge boxes (N may be 0).
+    labels: (N,) class ids 1..K; boxes with a label < 1 are ignored.
+    iterations: GrabCut iterations per box.
+    seed: OpenCV RNG seed, set before every box.
+
+  Returns:
+    (label_map uint8 (H, W) with 0 = background, stats) where stats counts
+    'boxes' (GrabCut runs), 'fallbacks' (all reasons), one count per reason
+    ('fallback_small', 'fallback_error', 'fallback_empty') and
+    'boxes_dropped' (no pixel inside the image).
+  """
+  image = _check_image(image)
+  height, width = image.shape[:2]
+  boxes, labels, dropped = _prepare_boxes(boxes, labels, height, width)
+  stats = collections.Counter({FALLBACK_SMALL: 0, FALLBACK_ERROR: 0,
+                               FALLBACK_EMPTY: 0})
+  out = np.zeros((height, width), np.uint8)
+  for index in box_lib.paint_order(boxes):
+    mask, fallback = grabcut_box(image, boxes[index], iterations, seed)
+    out[mask] = labels[index]
+    if fallback:
+      stats[fallback] += 1
+  stats['boxes'] = len(boxes)
+  stats['fallbacks'] = (stats[FALLBACK_SMALL] + stats[FALLBACK_ERROR] +
+                        stats[FALLBACK_EMPTY])
+  stats['boxes_dropped'] = dropped
+  return out, dict(stats)
+
+
+def box_label_map(image: np.ndarray, boxes: np.ndarray,
+                  labels: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+  """The filled-box label map (`boxes.fill_boxes`, smaller box on top).
+
+  Same signature, clipping and stats keys ('boxes', 'boxes_dropped') as
+  `grabcut_label_map`, so the two are interchangeable.
+  """
+  image = _check_image(image)
+  height, width = image.shape[:2]
+  boxes, labels, dropped = _prepare_boxes(boxes, labels, height, width)
+  label_map = box_lib.fill_boxes(boxes, labels, height, width)
+  return label_map, {'boxes': len(boxes), 'boxes_dropped': dropped}
+
+
+def grabcut_example(example: Mapping[str, Any], iterations: int = 5,
+                    seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+  """`grabcut_label_map` of a schema example (a label function for
+  `generate_label_folder`; bind options with `functools.partial`)."""
+  return grabcut_label_map(example[schema.IMAGE], example[schema.BOXES],
+                           example[schema.BOX_LABELS], iterations, seed)
+
+
+def box_fill_example(
+    example: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
+  """`box_label_map` of a schema example (a label function for
+  `generate_label_folder`): the "Box" baseline pseudo-mask."""
+  return box_label_map(example[schema.IMAGE], example[schema.BOXES],
+                       example[schema.BOX_LABELS])
+
+
+def _label_item(example: Mapping[str, Any],
+                fn: LabelFn) -> tuple[str, np.ndarray, dict[str, int]]:
+  """Worker body of `generate_label_folder` (module level so it pickles)."""
+  image_id = str(example[schema.IMAGE_ID])
+  output = fn(example)
+  label_map, stats = output if isinstance(output, tuple) else (output, {})
+  label_map = np.asarray(label_map)
+  expected = np.shape(example[schema.IMAGE])[:2]
+  if label_map.shape != expected or label_map.dtype != np.uint8:
+    raise ValueError(
+        f'Label function {fn!r} returned {label_map.dtype} '
+        f'{label_map.shape} for image {image_id!r}; expected uint8 '
+        f'{expected}.')
+  return image_id, label_map, dict(stats)
+
+
+def generate_label_folder(source: Iterable[Mapping[str, Any]],
+                          folder: LabelFolder, fn: LabelFn, workers: int = 0,
+                          *, max_in_flight: int | None = None,
+                          progress: bool = True,
+                          desc: str = 'labels') -> dict[str, int]:
+  """Writes `fn(example)` for every example into `folder`, resumably.
+
+  Examples whose `<image_id>.png` already exists are skipped (files are
+  written atomically, so an existing file is complete), so an interrupted
+  run continues where it stopped.  Files are written by this process; the
+  workers only compute.
+
+  Args:
+    source: decoded examples in the schema layout (at least 'image' and
+      'image_id', plus whatever `fn` reads), e.g. `Dataset.source(split)`.
+    folder: destination `LabelFolder`.
+    fn: a picklable label function `fn(example) -> label_map` or
+      `-> (label_map, stats)`, label_map uint8 (H, W) of the image's size and
+      stats {name: count}; e.g. `box_fill_example` or
+      `functools.partial(grabcut_example, iterations=5)`.
+    workers: worker processes; 0 = inline.
+    max_in_flight: bound on outstanding examples (default 2 per worker).
+    progress: show a progress bar.
+    desc: progress-bar label.
+
+  Returns:
+    {'total', 'written', 'skipped_existing'} plus the sum over the written
+    examples of every count the label function reported (e.g. 'boxes',
+    'fallbacks').
+
+  Raises:
+    pool.WorkerError: `fn` failed or returned a wrong label map (the message
+      names the item index and the image id).
+  """
+  existing = folder.existing_ids()
+  totals: collections.Counter[str] = collections.Counter()
+  counts = {'total': 0, 'skipped_existing': 0}
+
+  def items():
+    if hasattr(source, '__len__') and hasattr(source, '__getitem__'):
+      examples = (source[i] for i in range(len(source)))
+    else:
+      examples = iter(source)
+    for example in examples:
+      counts['total'] += 1
+      image_id = str(example[schema.IMAGE_ID])
+      if image_id in existing:
+        counts['skipped_existing'] += 1
+        continue
+      yield example
+
+  # Progress counts label maps to write; existing files are not shown.
+  total = (max(len(source) - len(existing), 0)
+           if hasattr(source, '__len__') else None)
+  written = 0
+  worker_fn = functools.partial(_label_item, fn=fn)
+  for image_id, label_map, stats in pool.pool_map(
+      worker_fn, items(), workers, max_in_flight=max_in_flight, desc=desc,
+      total=total, progress=progress):
+    folder.write(image_id, label_map)
+    totals.update(stats)
+    written += 1
+  return {'total': counts['total'], 'written': written,
+          'skipped_existing': counts['skipped_existing'], **dict(totals)}

@@ -1,0 +1,41 @@
+"""Command line: python -m wsss_jax.main --config=configs/<name>.py[:<variant>]
+
+  --workdir=DIR          default runs/<name>[-<variant>]; rerun to resume
+  --config.a.b=value     override any field (typos and wrong types rejected)
+
+Intentionally short: all the work is in `wsss_jax.run.train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/box_baseline.py[:variant].',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory (default: runs/<name>[-<variant>]).')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Libraries log through absl (orbax's INFO is chatty): absl at WARNING,
+  # this package's own loggers ('wsss_jax.*') at INFO.
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger('wsss_jax').setLevel(std_logging.INFO)
+  from wsss_jax import run  # pylint: disable=g-import-not-at-top
+  from wsss_jax.training import mesh  # pylint: disable=g-import-not-at-top
+  mesh.maybe_initialize_distributed()
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or run.default_workdir(config)
+  run.train_and_evaluate(config, workdir)
+
+
+if __name__ == '__main__':
+  sys.exit(app.run(main))

@@ -1,0 +1,20 @@
+"""Method registry: `config.method` -> a function building its pipeline."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from wsss_jax.methods import baselines
+from wsss_jax.methods.base import MethodPipeline
+
+METHODS: dict[str, Callable[..., MethodPipeline]] = {
+    'supervised': baselines.supervised,
+    'box_baseline': baselines.box_baseline,
+}
+
+
+def build_pipeline(method: str, runtime) -> MethodPipeline:
+  if method not in METHODS:
+    raise ValueError(f'config.method={method!r} is unknown; choose one of '
+                     f'{sorted(METHODS)}.')
+  return METHODS[method](runtime)

@@ -1,0 +1,26 @@
+"""What a method hands to the runner: its stages and where its results are."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from wsss_jax.stages import Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPipeline:
+  """A method's stages plus the names the report and results.json need.
+
+  Attributes:
+    stages: run in order by `wsss_jax.stages.run_stages`.
+    eval_stage: the stage whose results are the final validation scores.
+    train_stages: stages whose results hold a training 'history' (plots).
+    pseudo_stage: the stage whose results hold the 'quality' of the
+      pseudo-masks the final network trained on (None: no pseudo-masks).
+    pseudo_folder: that label folder, relative to the workdir.
+  """
+  stages: list[Stage]
+  eval_stage: str
+  train_stages: tuple[str, ...]
+  pseudo_stage: str | None = None
+  pseudo_folder: str | None = None

@@ -1,0 +1,159 @@
+"""Model construction from a `wsss_jax.defaults` model config section.
+
+    model = build_model(config.model, num_classes=21, dtype=jnp.bfloat16)
+    variables = model.init(rng, images, train=False)
+    out = model.apply(variables, images, train=True,
+                      rngs={'dropout': key}, mutable=['batch_stats'])
+
+Fields read (see `defaults.largefov_model` / `resnet101_model`): backbone,
+width, fc6_dilation, fc_dim, dropout, head, head_bias, aspp_rates, aspp_dim,
+frozen_bn, and for ResNet resnet_blocks, resnet_stride_in_1x1,
+resnet_stem_ceil_mode, output_stride (defaults used when a config lacks them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsss_jax.models import heads
+from wsss_jax.models import layers
+from wsss_jax.models import resnet
+from wsss_jax.models import segmenter
+from wsss_jax.models import vgg
+
+BACKBONES = ('vgg16_largefov', 'resnet101_deeplab')
+HEADS = ('linear', 'aspp_v2')
+
+_RESNET_DEFAULTS = dict(resnet_blocks=(3, 4, 23, 3), resnet_stride_in_1x1=True,
+                        resnet_stem_ceil_mode=True, output_stride=8)
+
+
+def _field(config: Mapping[str, Any], name: str) -> Any:
+  """config[name], falling back to the ResNet defaults; clear error if absent."""
+  if name in config:
+    return config[name]
+  if name in _RESNET_DEFAULTS:
+    return _RESNET_DEFAULTS[name]
+  raise KeyError(f'model config has no field {name!r} (build it from '
+                 f'wsss_jax.defaults.largefov_model / resnet101_model)')
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """A jnp dtype from a dtype or a name ('float32', 'bfloat16', 'float16')."""
+  resolved = jnp.dtype(dtype)
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise ValueError(f'compute dtype must be floating, got {resolved}')
+  return resolved
+
+
+def build_backbone(model_config: Mapping[str, Any],
+                   dtype: Any = jnp.float32) -> nn.Module:
+  """The backbone module named by `model_config.backbone` (unbound, unnamed)."""
+  dtype = compute_dtype(dtype)
+  name = _field(model_config, 'backbone')
+  width = float(_field(model_config, 'width'))
+  if width <= 0:
+    raise ValueError(f'model.width must be > 0, got {width}')
+  if name == 'vgg16_largefov':
+    return vgg.VGG16LargeFOV(
+        width=width,
+        fc6_dilation=int(_field(model_config, 'fc6_dilation')),
+        fc_dim=int(_field(model_config, 'fc_dim')),
+        dropout=float(_field(model_config, 'dropout')),
+        dtype=dtype)
+  if name == 'resnet101_deeplab':
+    return resnet.ResNetDeepLab(
+        blocks=tuple(int(b) for b in _field(model_config, 'resnet_blocks')),
+        width=width,
+        stride_in_1x1=bool(_field(model_config, 'resnet_stride_in_1x1')),
+        stem_ceil_mode=bool(_field(model_config, 'resnet_stem_ceil_mode')),
+        output_stride=int(_field(model_config, 'output_stride')),
+        frozen_bn=bool(_field(model_config, 'frozen_bn')),
+        dtype=dtype)
+  raise ValueError(f'model.backbone={name!r} is unknown; choose one of '
+                   f'{BACKBONES}')
+
+
+def build_head(model_config: Mapping[str, Any], num_classes: int,
+               dtype: Any = jnp.float32) -> nn.Module:
+  """The head module named by `model_config.head` (unbound, unnamed)."""
+  dtype = compute_dtype(dtype)
+  if int(num_classes) < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  name = _field(model_config, 'head')
+  use_bias = bool(_field(model_config, 'head_bias'))
+  if name == 'linear':
+    return heads.LinearHead(num_classes=int(num_classes), use_bias=use_bias,
+                            dtype=dtype)
+  if name == 'aspp_v2':
+    return heads.ASPPV2Head(
+        num_classes=int(num_classes),
+        rates=tuple(int(r) for r in _field(model_config, 'aspp_rates')),
+        aspp_dim=int(_field(model_config, 'aspp_dim')),
+        use_bias=use_bias,
+        dtype=dtype)
+  raise ValueError(f'model.head={name!r} is unknown; choose one of {HEADS}')
+
+
+def build_model(model_config: Mapping[str, Any], num_classes: int,
+                dtype: Any = jnp.float32) -> nn.Module:
+  """A `Segmenter` with top-level parameter entries `backbone` and `head`.
+
+  Args:
+    model_config: a `wsss_jax.defaults` model section (ConfigDict or dict).
+    num_classes: classifier outputs (background included).
+    dtype: computation dtype (e.g. bfloat16 on accelerators); parameters are
+      float32 and logits are returned in float32.
+
+  Returns:
+    An unbound module; `apply(variables, images, train=...)` returns
+    {'logits', 'features'[, 'levels']} (see `segmenter.Segmenter`).
+  """
+  return segmenter.Segmenter(
+      backbone=build_backbone(model_config, dtype),
+      head=build_head(model_config, num_classes, dtype))
+
+
+def feature_size(model_config: Mapping[str, Any], size: int) -> int:
+  """Side of the logit map for an input side `size` (PyTorch size rules).
+
+  VGG: three floor-mode 3/2/1 max-pools, each n -> ceil(n / 2) (321 -> 41).
+  ResNet: 7x7/2 stem conv (n -> ceil(n / 2)), 3/2/1 stem max-pool (ceil or
+  floor mode), then one n -> ceil(n / 2) per stride-2 stage.
+  """
+  name = _field(model_config, 'backbone')
+  halve = lambda n: -(-n // 2)
+  if name == 'vgg16_largefov':
+    return halve(halve(halve(size)))
+  if name == 'resnet101_deeplab':
+    size = layers.pool_output_size(
+        halve(size), 3, 2, 1, bool(_field(model_config,
+                                          'resnet_stem_ceil_mode')))
+    strides, _ = resnet.STAGE_GEOMETRY[int(_field(model_config,
+                                                  'output_stride'))]
+    for stride in strides:
+      if stride == 2:
+        size = halve(size)
+    return size
+  raise ValueError(f'model.backbone={name!r} is unknown; choose one of '
+                   f'{BACKBONES}')
+
+
+def abstract_variables(model: nn.Module, image_size: int = 65,
+                       batch_size: int = 1) -> dict:
+  """Variable shapes/dtypes of `model` (jax.ShapeDtypeStruct leaves), no compute."""
+  images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3),
+                                jnp.float32)
+  return jax.eval_shape(
+      lambda rng, x: model.init(rng, x, train=False),
+      jax.ShapeDtypeStruct((2,), jnp.uint32), images)
+
+
+def param_count(tree: Any) -> int:
+  """Total number of elements over the array (or ShapeDtypeStruct) leaves."""
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)))

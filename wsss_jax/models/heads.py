@@ -1,0 +1,92 @@
+"""Segmentation heads: a 1x1 linear classifier and the DeepLab-v2 ASPP.
+
+Each head maps backbone features (B, h, w, D) to a dict with 'logits'
+(B, h, w, num_classes) and, when the head has its own representation,
+'features' (what a classifier reads; BANA's cosine classifier uses it).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wsss_jax.models import layers
+
+
+class LinearHead(nn.Module):
+  """1x1 conv classifier (DeepLab-LargeFOV fc8), module name `classifier`.
+
+  Weights N(0, 0.01), bias 0 (bana.md 5.4, lpg.md 4.5).
+
+  Attributes:
+    num_classes: output channels.
+    use_bias: BANA's classifier has none, LPG's fc8 has one.
+    dtype: computation dtype.
+  """
+  num_classes: int
+  use_bias: bool = True
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> dict:
+    """(B, h, w, D) -> {'logits': (B, h, w, num_classes) in `dtype`}."""
+    del train
+    logits = layers.conv2d(self.num_classes, 1, use_bias=self.use_bias,
+                           dtype=self.dtype,
+                           kernel_init=layers.CLASSIFIER_INIT,
+                           name='classifier')(features)
+    return {'logits': logits}
+
+
+class ASPPV2Head(nn.Module):
+  """DeepLab-v2 atrous spatial pyramid pooling (Chen et al., TPAMI 2018).
+
+  Standard form (`aspp_dim == 0`): branches `c0..c3` are 3x3 convs with
+  dilation = padding = rate (6, 12, 18, 24) from the features straight to
+  class logits, with bias, N(0, 0.01) weights; the branch outputs are summed.
+
+  BANA's form (`aspp_dim > 0`, bana.md 5.7): the branches output `aspp_dim`
+  channels without bias; their sum goes through a ReLU and becomes
+  'features'; a 1x1 conv `classifier` (bias = `use_bias`, BANA: none) gives
+  the logits.
+
+  Attributes:
+    num_classes: output classes.
+    rates: dilation rate of each branch.
+    aspp_dim: 0 for the standard head, else the branch width.
+    use_bias: bias of the standard branches, or of the 1x1 classifier.
+    dtype: computation dtype.
+  """
+  num_classes: int
+  rates: Sequence[int] = (6, 12, 18, 24)
+  aspp_dim: int = 0
+  use_bias: bool = True
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> dict:
+    """(B, h, w, D) -> {'logits': (B, h, w, num_classes)[, 'features':
+    (B, h, w, aspp_dim)]} in `dtype`."""
+    del train
+    if not self.rates:
+      raise ValueError('aspp_rates must name at least one dilation rate')
+    standard = self.aspp_dim <= 0
+    out_channels = self.num_classes if standard else self.aspp_dim
+    total = None
+    for index, rate in enumerate(self.rates):
+      branch = layers.conv2d(
+          out_channels, 3, padding=rate, dilation=rate,
+          use_bias=self.use_bias and standard, dtype=self.dtype,
+          kernel_init=layers.CLASSIFIER_INIT, name=f'c{index}')(features)
+      total = branch if total is None else total + branch
+    if standard:
+      return {'logits': total}
+    aspp_features = nn.relu(total)
+    logits = layers.conv2d(self.num_classes, 1, use_bias=self.use_bias,
+                           dtype=self.dtype,
+                           kernel_init=layers.CLASSIFIER_INIT,
+                           name='classifier')(aspp_features)
+    return {'logits': logits, 'features': aspp_features}

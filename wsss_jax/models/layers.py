@@ -1,0 +1,202 @@
+"""Layers shared by the backbones and heads (NHWC, PyTorch semantics).
+
+Pooling follows PyTorch exactly (output size, padding value, ceil-mode rule),
+because the official codes of the methods are PyTorch and output strides, and
+thus which input pixel a feature cell sees, must match them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# He/Kaiming normal (PyTorch `kaiming_normal_` draws from a plain normal).
+HE_NORMAL_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+HE_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# The DeepLab classifier initialisation N(0, 0.01) (bana.md 5.4, lpg.md 4.5).
+CLASSIFIER_INIT = nn.initializers.normal(stddev=0.01)
+
+BN_EPSILON = 1e-5
+# PyTorch BatchNorm momentum 0.1 expressed in Flax's convention (1 - 0.1).
+BN_MOMENTUM = 0.9
+
+
+def scaled_channels(base: int, width: float) -> int:
+  """Channel count `base` multiplied by `width`, rounded, at least 1."""
+  return max(1, int(round(base * width)))
+
+
+def conv2d(features: int, kernel_size: int, *, stride: int = 1,
+           padding: int = 0, dilation: int = 1, use_bias: bool = True,
+           dtype: Dtype = jnp.float32,
+           kernel_init: Initializer = HE_NORMAL_FAN_IN,
+           name: str | None = None) -> nn.Conv:
+  """A square 2-D convolution with PyTorch's `Conv2d` arguments.
+
+  Symmetric explicit padding gives PyTorch's output size
+  floor((H + 2p - d(k - 1) - 1) / s) + 1.  Parameters are float32 whatever
+  the computation `dtype`; kernels are HWIO, biases start at zero.
+  """
+  return nn.Conv(
+      features=features,
+      kernel_size=(kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      kernel_dilation=(dilation, dilation),
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=kernel_init,
+      bias_init=nn.initializers.zeros,
+      name=name)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int,
+                     ceil_mode: bool = False) -> int:
+  """Output length of a PyTorch 1-D pooling window sweep.
+
+  floor (or ceil) of (size + 2p - k) / s, plus one; in ceil mode PyTorch drops
+  the last window when it would start at or after size + p, i.e. inside the
+  right padding.
+  """
+  if 2 * padding > kernel:
+    raise ValueError(f'pooling padding {padding} exceeds half the window '
+                     f'{kernel} (PyTorch rejects it too)')
+  if size + 2 * padding < kernel:
+    raise ValueError(f'pooling input of size {size} (padding {padding}) is '
+                     f'smaller than the window {kernel}')
+  span = size + 2 * padding - kernel
+  out = (-(-span // stride) if ceil_mode else span // stride) + 1
+  if ceil_mode and (out - 1) * stride >= size + padding:
+    out -= 1
+  return out
+
+
+def _pool_padding(size: int, kernel: int, stride: int, padding: int,
+                  ceil_mode: bool) -> tuple[int, int, int]:
+  """(left pad, right pad, output size) so that a VALID sweep matches PyTorch.
+
+  The right pad is what the last window needs (more than `padding` in ceil
+  mode).  In floor mode trailing input that no window reaches may remain; the
+  pad is then clipped at 0 and the caller slices off any surplus window.
+  """
+  out = pool_output_size(size, kernel, stride, padding, ceil_mode)
+  right = max((out - 1) * stride + kernel - size - padding, 0)
+  return padding, right, out
+
+
+def max_pool2d(x: jax.Array, kernel: int, stride: int, padding: int = 0,
+               ceil_mode: bool = False) -> jax.Array:
+  """PyTorch `MaxPool2d(kernel, stride, padding, ceil_mode)` on NHWC input.
+
+  Padded positions hold -inf, so they never win (PyTorch semantics).  The
+  Python-scalar init values let JAX pick its differentiable max/sum window
+  reductions.
+
+  Args:
+    x: (B, H, W, C) float array.
+    kernel, stride, padding: square window parameters.
+    ceil_mode: PyTorch's ceil mode, including its last-window rule.
+
+  Returns:
+    (B, H', W', C) array of x's dtype, H' = `pool_output_size(H, ...)`.
+  """
+  top, bottom, out_h = _pool_padding(x.shape[1], kernel, stride, padding,
+                                     ceil_mode)
+  left, right, out_w = _pool_padding(x.shape[2], kernel, stride, padding,
+                                     ceil_mode)
+  y = lax.reduce_window(
+      x, -jnp.inf, lax.max,
+      window_dimensions=(1, kernel, kernel, 1),
+      window_strides=(1, stride, stride, 1),
+      padding=((0, 0), (top, bottom), (left, right), (0, 0)))
+  return y[:, :out_h, :out_w, :]
+
+
+def avg_pool2d(x: jax.Array, kernel: int, stride: int, padding: int = 0,
+               count_include_pad: bool = True) -> jax.Array:
+  """PyTorch `AvgPool2d(kernel, stride, padding, count_include_pad)` (floor mode).
+
+  With `count_include_pad=True` (PyTorch's default, used by DeepLab-LargeFOV's
+  pool5a) zero padding counts, so every window is divided by kernel**2.
+
+  Args:
+    x: (B, H, W, C) float array.
+
+  Returns:
+    (B, H', W', C) array of x's dtype.
+  """
+  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  dims = (1, kernel, kernel, 1)
+  strides = (1, stride, stride, 1)
+  sums = lax.reduce_window(x, 0.0, lax.add, dims, strides, pads)
+  if count_include_pad:
+    return sums / jnp.array(kernel * kernel, x.dtype)
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  counts = lax.reduce_window(ones, 0.0, lax.add, dims, strides, pads)
+  return sums / counts
+
+
+def channel_dropout(rate: float, train: bool,
+                    name: str | None = None) -> nn.Dropout:
+  """PyTorch `Dropout2d(rate)` on NHWC: one keep/drop draw per (image, channel).
+
+  Uses the 'dropout' rng stream when `train` and `rate > 0`.
+  """
+  return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train,
+                    name=name)
+
+
+class FrozenBatchNorm(nn.Module):
+  """Batch normalisation with fixed statistics and affine parameters.
+
+  y = (x - mean) * scale / sqrt(var + eps) + bias, eps = 1e-5.  All four
+  vectors live in the `batch_stats` collection, never in `params`, so a
+  frozen network has nothing in its BN layers for the optimiser to update and
+  needs no optimiser mask.  Running in training mode changes nothing.
+
+  Attributes:
+    epsilon: added to the variance.
+    dtype: computation dtype; the statistics are stored in float32 and folded
+      into one multiply-add in float32 before the cast.
+  """
+  epsilon: float = BN_EPSILON
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Normalises (..., C) `x` channel-wise; returns the same shape in `dtype`."""
+    channels = x.shape[-1]
+    def stat(name, init):
+      return self.variable('batch_stats', name, init, (channels,),
+                           jnp.float32).value
+    scale = stat('scale', jnp.ones)
+    bias = stat('bias', jnp.zeros)
+    mean = stat('mean', jnp.zeros)
+    var = stat('var', jnp.ones)
+    multiplier = scale * lax.rsqrt(var + self.epsilon)
+    offset = bias - mean * multiplier
+    return (x.astype(self.dtype) * multiplier.astype(self.dtype)
+            + offset.astype(self.dtype))
+
+
+def batch_norm(frozen: bool, train: bool, dtype: Dtype = jnp.float32,
+               name: str | None = None) -> nn.Module:
+  """The BN layer of a backbone: `FrozenBatchNorm`, or a trained `nn.BatchNorm`.
+
+  The trained variant uses PyTorch defaults (momentum 0.1 = Flax 0.9, eps 1e-5)
+  and batch statistics when `train` (over the whole global batch under jit).
+  """
+  if frozen:
+    return FrozenBatchNorm(dtype=dtype, name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                      epsilon=BN_EPSILON, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+

@@ -1,0 +1,170 @@
+"""report.md: the run's results as tables, curves and example images.
+
+Everything referenced by the report is written under `<workdir>/report/`:
+training-curve plots (PNG) and palette overlays of inputs, ground truth,
+pseudo-masks and predictions, so the report renders on GitHub or any
+markdown viewer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from wsss_jax.data import schema
+from wsss_jax.data.label_png import LabelFolder, overlay
+from wsss_jax.data.pipeline import Subset
+from wsss_jax.methods.base import MethodPipeline
+from wsss_jax.runtime import Runtime
+
+REPORT_DIR = 'report'
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+  if value is None:
+    return '–'
+  if isinstance(value, float):
+    return '–' if math.isnan(value) else f'{value:.{digits}f}'
+  return str(value)
+
+
+def plot_history(history: dict[str, Any], title: str, path: str) -> bool:
+  """Training loss and periodic validation mIoU against the step (PNG)."""
+  train = history.get('train', [])
+  if not train:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+  steps = [row['step'] for row in train]
+  ax.plot(steps, [row['loss'] for row in train], color='tab:blue',
+          label='train loss')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss', color='tab:blue')
+  val = history.get('val', [])
+  if val:
+    ax2 = ax.twinx()
+    ax2.plot([row['step'] for row in val], [row['miou'] for row in val],
+             'o-', color='tab:orange', label='val mIoU')
+    ax2.set_ylabel('val mIoU (%)', color='tab:orange')
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+def _save_png(path: str, array: np.ndarray) -> str:
+  Image.fromarray(array).save(path)
+  return path
+
+
+def _example_rows(rt: Runtime, workdir: str, pipeline: MethodPipeline,
+                  predictions_root: str, split: str, count: int,
+                  out_dir: str) -> list[list[str]]:
+  """Writes overlays for the first `count` images of a split; returns rows
+  of relative image paths (input, gt, pseudo or None, prediction or None)."""
+  source = Subset(rt.dataset.source(split), count)
+  predictions = LabelFolder(os.path.join(predictions_root, split))
+  pseudo = (LabelFolder(os.path.join(workdir, pipeline.pseudo_folder))
+            if pipeline.pseudo_folder and split == rt.train_split else None)
+  rows = []
+  for i in range(len(source)):
+    example = source[i]
+    image_id = example[schema.IMAGE_ID]
+    image = example[schema.IMAGE]
+    base = os.path.join(out_dir, f'{split}_{image_id}')
+    cells = [_save_png(f'{base}_input.png', image),
+             _save_png(f'{base}_gt.png', overlay(image, example[schema.MASK]))]
+    for folder, suffix in ((pseudo, 'pseudo'), (predictions, 'pred')):
+      if folder is not None and os.path.exists(folder.path(image_id)):
+        label = folder.read(image_id, expected_hw=image.shape[:2])
+        cells.append(_save_png(f'{base}_{suffix}.png', overlay(image, label)))
+      else:
+        cells.append(None)
+    rows.append([image_id] + [os.path.relpath(c, workdir) if c else None
+                              for c in cells])
+  return rows
+
+
+def _image_table(rows: list[list[str]]) -> list[str]:
+  lines = ['| image | input | ground truth | pseudo-mask | prediction |',
+           '| --- | --- | --- | --- | --- |']
+  for image_id, *cells in rows:
+    rendered = [f'![]({c})' if c else '–' for c in cells]
+    lines.append(f'| {image_id} | ' + ' | '.join(rendered) + ' |')
+  return lines
+
+
+def _class_table(rt: Runtime, results: dict[str, Any]) -> list[str]:
+  val = (results.get('val') or {}).get('per_class_iou', {})
+  pseudo = (results.get('pseudo') or {}).get('per_class_iou', {})
+  lines = ['| class | val IoU | pseudo-mask IoU (train) |',
+           '| --- | --- | --- |']
+  for name in rt.class_names:
+    lines.append(f'| {name} | {_fmt(val.get(name))} | '
+                 f'{_fmt(pseudo.get(name))} |')
+  return lines
+
+
+def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
+                 records: list[dict[str, Any]], results: dict[str, Any]
+                 ) -> str:
+  """Writes `<workdir>/report.md` (and its images); returns its path."""
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  config = rt.config
+  name = config.name + (f':{config.variant}' if config.variant else '')
+  val = results.get('val') or {}
+  pseudo = results.get('pseudo') or {}
+  backbone = results['backbone']
+  lines = [
+      f'# {name}: {config.method} on {rt.dataset.name}', '',
+      '| | |', '| --- | --- |',
+      f"| val mIoU ({rt.val_split}) | **{_fmt(val.get('miou'))}** |",
+      f"| val pixel accuracy | {_fmt(val.get('pixel_acc'))} |",
+      f"| pseudo-mask mIoU ({rt.train_split}) | {_fmt(pseudo.get('miou'))} |",
+      f"| backbone | {backbone['name']} (width {backbone['width']}, head "
+      f"{backbone['head']}) |",
+      f"| initialisation | {(backbone.get('initialisation') or {}).get('init', '–')} |",
+      f"| evaluation | {val.get('protocol')} |",
+      f"| wall time | {results['wall_s']:.1f} s |",
+      f"| devices | {', '.join(results['devices'])} |",
+      f"| skipped data files | {len(results['dataset']['skipped_files'])} |",
+      '', '## Stages', '', '| stage | status | wall (s) |',
+      '| --- | --- | --- |']
+  lines += [f"| {r['name']} | {r['status']} | {r['wall_s']:.1f} |"
+            for r in records]
+  lines += ['', '## Per-class IoU (%)', ''] + _class_table(rt, results)
+  by_name = {r['name']: r['results'] for r in records}
+  lines += ['', '## Training curves', '']
+  for stage in pipeline.train_stages:
+    history = by_name.get(stage, {}).get('history', {})
+    path = os.path.join(out_dir, f'curve_{stage}.png')
+    if plot_history(history, f'{name} / {stage}', path):
+      lines.append(f'![{stage}]({os.path.relpath(path, workdir)})')
+      summary = by_name.get(stage, {})
+      lines.append('')
+      lines.append(f"{stage}: {summary.get('steps')} steps, "
+                   f"{_fmt(summary.get('images_per_second'))} images/s "
+                   f"(steady state), first step (compile) "
+                   f"{_fmt(summary.get('first_step_seconds'))} s.")
+      lines.append('')
+  predictions_root = os.path.join(workdir, pipeline.eval_stage, 'predictions')
+  count = int(config.report.num_examples)
+  if count:
+    lines += ['## Examples', '',
+              'Overlays use the VOC palette (ignore = light grey).', '']
+    for split in (rt.train_split, rt.val_split):
+      rows = _example_rows(rt, workdir, pipeline, predictions_root, split,
+                           count, out_dir)
+      lines += [f'### {split}', ''] + _image_table(rows) + ['']
+  path = os.path.join(workdir, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return path

@@ -1,0 +1,84 @@
+"""results.json: one machine-readable record of a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import jax
+
+from wsss_jax import config_checks
+from wsss_jax.methods.base import MethodPipeline
+from wsss_jax.runtime import Runtime
+
+_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
+             'tensorflow-datasets', 'numpy', 'wsss_jax')
+
+_SCORE_FIELDS = ('miou', 'per_class_iou', 'pixel_acc', 'mean_acc', 'fw_iou',
+                 'num_images')
+
+
+def versions() -> dict[str, str]:
+  found = {'python': platform.python_version()}
+  for name in _PACKAGES:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = 'not installed'
+  return found
+
+
+def _scores(result: dict[str, Any] | None) -> dict[str, Any] | None:
+  if not result:
+    return None
+  return {k: result[k] for k in _SCORE_FIELDS if k in result}
+
+
+def assemble(rt: Runtime, pipeline: MethodPipeline,
+             records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+  """The results.json dict of a finished run."""
+  config = rt.config
+  by_name = {record['name']: record['results'] for record in records}
+  evaluation = by_name.get(pipeline.eval_stage, {})
+  pseudo = None
+  if pipeline.pseudo_stage:
+    pseudo = _scores(by_name.get(pipeline.pseudo_stage, {}).get('quality'))
+    if pseudo is not None:
+      pseudo['split'] = rt.train_split
+  val = _scores(evaluation)
+  if val is not None:
+    val['split'] = rt.val_split
+    val['protocol'] = evaluation.get('protocol')
+  initialisation = None
+  for name in pipeline.train_stages:
+    initialisation = by_name.get(name, {}).get('initialisation',
+                                               initialisation)
+  return {
+      'config': {'name': config.name, 'variant': config.variant},
+      'method': config.method,
+      'dataset': {
+          'name': rt.dataset.name,
+          'train_split': rt.train_split,
+          'val_split': rt.val_split,
+          'num_classes': rt.num_classes,
+          'class_names': list(rt.class_names),
+          'skipped_files': rt.dataset.skipped,
+      },
+      'backbone': {'name': config.model.backbone,
+                   'width': config.model.width,
+                   'head': config.model.head,
+                   'initialisation': initialisation},
+      'val': val,
+      'pseudo': pseudo,
+      'wall_s': round(wall_s, 2),
+      'stages': [{'name': r['name'], 'wall_s': r['wall_s'],
+                  'status': r['status']} for r in records],
+      'training': {name: {k: v for k, v in by_name.get(name, {}).items()
+                          if k != 'history'}
+                   for name in pipeline.train_stages},
+      'versions': versions(),
+      'devices': [str(d) for d in jax.devices()],
+      'process_count': jax.process_count(),
+      'full_config': config_checks.config_as_dict(config),
+  }

@@ -1,0 +1,47 @@
+"""`train_and_evaluate(config, workdir)`: the whole run, importable and testable.
+
+main (flags) -> train_and_evaluate -> method pipeline -> stages -> jitted steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from wsss_jax import config_checks, methods, runtime, stages
+from wsss_jax.reporting import report, results as results_lib
+
+log = logging.getLogger(__name__)
+
+
+def default_workdir(config) -> str:
+  name = config.name + (f'-{config.variant}' if config.variant else '')
+  return os.path.join('runs', name)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) every stage of `config.method`; writes the results.
+
+  Writes `<workdir>/results.json` and `<workdir>/report.md` and returns the
+  results dict.  Rerunning with the same config and workdir resumes.
+  """
+  start = time.time()
+  config_checks.validate(config)
+  config_checks.check_workdir_config(config, workdir)
+  rt = runtime.make_runtime(config)
+  log.info('Run %s (%s) on %s, %d device(s), workdir %s', config.name,
+               config.method, rt.dataset.name, rt.mesh.devices.size, workdir)
+  pipeline = methods.build_pipeline(config.method, rt)
+  context = stages.StageContext(workdir=workdir, config=config)
+  records = stages.run_stages(pipeline.stages, context)
+  results = results_lib.assemble(rt, pipeline, records, time.time() - start)
+  stages.write_json_atomic(os.path.join(workdir, 'results.json'), results)
+  report_path = report.write_report(rt, workdir, pipeline, records, results)
+  val, pseudo = results.get('val') or {}, results.get('pseudo') or {}
+  log.info('Done in %.1f s: val mIoU %s%s. Report: %s', results['wall_s'],
+               f"{val['miou']:.2f}" if 'miou' in val else 'n/a',
+               f", pseudo-mask mIoU {pseudo['miou']:.2f}" if 'miou' in pseudo
+               else '', report_path)
+  return results

@@ -1,0 +1,57 @@
+"""What every stage of a run shares: config, dataset, mesh, conventions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wsss_jax.data import registry
+from wsss_jax.ops import image as image_ops
+from wsss_jax.training import mesh as mesh_lib
+
+
+@dataclasses.dataclass
+class Runtime:
+  """Built once per run by `wsss_jax.run` and handed to every stage."""
+  config: Any
+  dataset: registry.Dataset
+  mesh: jax.sharding.Mesh
+  normalization: str
+  compute_dtype: Any
+
+  @property
+  def num_classes(self) -> int:
+    return self.dataset.num_classes
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.dataset.class_names
+
+  @property
+  def train_split(self) -> str:
+    return self.config.data.train_split
+
+  @property
+  def val_split(self) -> str:
+    return self.config.data.val_split
+
+  @property
+  def pad_color(self) -> tuple[int, int, int]:
+    return image_ops.pad_color(self.normalization)
+
+
+def make_runtime(config, dataset: registry.Dataset | None = None) -> Runtime:
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(
+      config.compute_dtype)
+  if dtype is None:
+    raise ValueError(f"compute_dtype={config.compute_dtype!r}; expected "
+                     "'float32' or 'bfloat16'.")
+  return Runtime(
+      config=config,
+      dataset=dataset or registry.open_dataset(config.data),
+      mesh=mesh_lib.make_mesh(config.mesh.num_devices),
+      normalization=image_ops.normalization_for(config.model, config.input),
+      compute_dtype=dtype)

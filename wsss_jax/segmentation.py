@@ -1,0 +1,239 @@
+"""Shared stages: make a label folder, train a segmenter, evaluate a model.
+
+These know nothing of any method: a method composes them (or its own stages)
+into a pipeline, choosing the labels, the loss and the model.
+
+    label_stats = make_label_folder(rt, folder, fill_box_labels)
+    summary = train_segmenter(rt, stage_dir, loss_fn=cross_entropy_on('pseudo'),
+                              label_folders={'pseudo': folder})
+    scores = evaluate_model(rt, eval_dir, model_file=...)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from wsss_jax import losses
+from wsss_jax.data import pipeline, schema
+from wsss_jax.data.label_png import LabelFolder
+from wsss_jax.evaluation import inference, metrics
+from wsss_jax.host import grabcut
+from wsss_jax.models import build as model_build
+from wsss_jax.models import weights as weights_lib
+from wsss_jax.runtime import Runtime
+from wsss_jax.training import loop, optim, state as state_lib, step as step_lib
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = 'model.npz'
+
+
+# ----------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------
+def make_label_folder(rt: Runtime, folder: str,
+                      label_fn: Callable[[dict], np.ndarray],
+                      workers: int = 0) -> dict[str, Any]:
+  """Writes `label_fn(example)` for every training image as `<id>.png`.
+
+  Resumable (existing files are skipped); returns generation stats plus the
+  pseudo-mask scores against the ground truth of the training split.
+  """
+  source = rt.dataset.source(rt.train_split)
+  stats = grabcut.generate_label_folder(source, LabelFolder(folder), label_fn,
+                                        workers=workers)
+  quality = metrics.evaluate_label_folder(folder, source, rt.class_names)
+  quality.pop('confusion', None)
+  return {'generation': _jsonable(stats), 'quality': quality}
+
+
+def fill_box_labels(example: dict[str, Any]) -> np.ndarray:
+  """Box-filled mask of an example (smaller box on top); the "Box" baseline."""
+  from wsss_jax.data.boxes import fill_boxes  # pylint: disable=g-import-not-at-top
+  height, width = example[schema.IMAGE].shape[:2]
+  return fill_boxes(example[schema.BOXES], example[schema.BOX_LABELS], height,
+                    width)
+
+
+# ----------------------------------------------------------------------------
+# Models and weights
+# ----------------------------------------------------------------------------
+def build_segmenter(rt: Runtime):
+  return model_build.build_model(rt.config.model, rt.num_classes,
+                                 rt.compute_dtype)
+
+
+def initial_variables(rt: Runtime, model, rng: jax.Array
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Random init, with `model.init_weights` merged in when given.
+
+  Returns (variables as host arrays, a record of the initialisation for
+  results.json).  The classifier head is not loaded from ImageNet/COCO files
+  whose class count differs (`dont_load`).
+  """
+  crop = rt.config.input.crop_size
+  variables = jax.device_get(state_lib.init_variables(model, rng,
+                                                      (1, crop, crop, 3)))
+  path = rt.config.model.init_weights
+  if not path:
+    log.info('No model.init_weights given: training from scratch.')
+    return variables, {'init': 'scratch'}
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'model.init_weights={path!r} does not exist. Convert a PyTorch file '
+        'with `python -m wsss_jax.tools.convert_weights` or pass an empty '
+        'string to train from scratch.')
+  variables, report = weights_lib.load_weights(
+      variables, path, dont_load=tuple(rt.config.model.dont_load))
+  log.info('Initialised from %s (sha256 %s): %d arrays loaded.', path,
+               report.get('sha256'), report.get('loaded'))
+  return variables, {'init': os.path.abspath(path), **_jsonable(report)}
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+def cross_entropy_on(label_key: str) -> step_lib.LossFn:
+  """Plain segmentation cross-entropy against `batch[label_key]` (255 ignored)."""
+  def loss_fn(outputs, batch, context):  # pylint: disable=unused-argument
+    loss = losses.segmentation_cross_entropy(outputs['logits'],
+                                             batch[label_key])
+    return loss, {'ce': loss}
+  return loss_fn
+
+
+def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
+                    label_folders: Mapping[str, str] | None = None,
+                    model=None, name: str = 'train') -> dict[str, Any]:
+  """Trains (or resumes) a segmentation network; writes `<stage_dir>/model.npz`.
+
+  Args:
+    rt: the run's runtime.
+    stage_dir: the stage folder (checkpoints, TensorBoard, model file).
+    loss_fn: (outputs, batch, context) -> (loss, metrics).
+    label_folders: {batch key: PNG folder} joined onto the training split.
+    model: the Flax module (default: `config.model` with the dataset's
+      classes).
+    name: the stage name for logs.
+  Returns:
+    The training summary (steps, throughput, history, initialisation).
+  """
+  config = rt.config
+  label_folders = dict(label_folders or {})
+  model = model or build_segmenter(rt)
+  index = rt.dataset.index(rt.train_split)
+  source = pipeline.with_label_folders(rt.dataset.source(rt.train_split),
+                                       label_folders, index.image_ids)
+  transform = pipeline.TrainTransform.from_config(
+      config.input, num_foreground=rt.num_classes - 1,
+      image_pad_value=rt.pad_color, label_keys=tuple(label_folders))
+  batch_size = config.input.batch_size
+  num_steps = config.train.num_steps
+  rng = jax.random.PRNGKey(config.seed)
+  init_record: dict[str, Any] = {}
+
+  def init_state():
+    variables, record = initial_variables(rt, model, rng)
+    init_record.update(record)
+    make_tx = functools.partial(optim.make_optimizer, config.optim,
+                                num_steps=num_steps)
+    crop = config.input.crop_size
+    return state_lib.create_train_state(model, make_tx, rng,
+                                        (1, crop, crop, 3), rt.mesh,
+                                        variables=variables)
+
+  evaluator = inference.Evaluator(model, rt.dataset, rt.val_split,
+                                  config.eval, rt.normalization, rt.mesh,
+                                  rt.compute_dtype,
+                                  config.input.worker_count)
+  job = loop.TrainingJob(
+      name=name, stage_dir=stage_dir, init_state=init_state,
+      make_data_iter=lambda: iter(pipeline.train_loader(
+          source, transform, batch_size, config.seed,
+          config.input.worker_count)),
+      train_step=step_lib.make_train_step(model, loss_fn, rt.normalization,
+                                          rt.mesh, rt.compute_dtype),
+      mesh=rt.mesh, num_steps=num_steps, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every,
+      keep_checkpoints=config.train.keep_checkpoints,
+      eval_every=config.train.eval_every,
+      evaluate=lambda variables: _val_scalars(evaluator(
+          variables, max_images=config.train.eval_max_images,
+          progress=False)),
+      images_per_step=batch_size)
+  state, summary = loop.train(job)
+  weights_lib.save_weights(
+      os.path.join(stage_dir, MODEL_FILE),
+      weights_lib.flatten_variables(jax.device_get(state.variables)))
+  summary['initialisation'] = init_record or {'init': 'resumed'}
+  return summary
+
+
+def _val_scalars(scores: dict[str, Any]) -> dict[str, float]:
+  return {'miou': scores['miou'], 'pixel_acc': scores['pixel_acc']}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+def load_trained(rt: Runtime, model_file: str, model=None):
+  """(model, variables) of a finished training stage's `model.npz`."""
+  model = model or build_segmenter(rt)
+  variables = jax.device_get(state_lib.init_variables(
+      model, jax.random.PRNGKey(0), (1, 8, 8, 3)))
+  variables, _ = weights_lib.load_weights(variables, model_file)
+  return model, variables
+
+
+def evaluate_model(rt: Runtime, stage_dir: str, model, variables,
+                   num_train_examples: int = 0) -> dict[str, Any]:
+  """Scores `variables` on the validation split, writing every prediction.
+
+  Predictions go to `<stage_dir>/predictions/<val split>/<id>.png`; with
+  `num_train_examples` > 0 the first training images are predicted too (for
+  the report's example grid).
+  """
+  config = rt.config
+  evaluator = inference.Evaluator(model, rt.dataset, rt.val_split,
+                                  config.eval, rt.normalization, rt.mesh,
+                                  rt.compute_dtype, config.input.worker_count)
+  out_dir = os.path.join(stage_dir, 'predictions', rt.val_split)
+  scores = evaluator(variables, max_images=config.eval.max_images,
+                     out_dir=out_dir if config.eval.save_predictions
+                     else None)
+  scores['protocol'] = evaluator.describe()
+  scores['predictions_dir'] = out_dir
+  if num_train_examples:
+    train_eval = inference.Evaluator(model, rt.dataset, rt.train_split,
+                                     _single_scale(config.eval),
+                                     rt.normalization, rt.mesh,
+                                     rt.compute_dtype)
+    train_eval(variables, max_images=num_train_examples,
+               out_dir=os.path.join(stage_dir, 'predictions',
+                                    rt.train_split), progress=False)
+  return scores
+
+
+def _single_scale(eval_config):
+  config = eval_config.copy_and_resolve_references()
+  config.crf = False
+  return config
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if hasattr(value, 'tolist'):
+    return value.tolist()
+  if hasattr(value, '__dataclass_fields__'):
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    return _jsonable(dataclasses.asdict(value))
+  return value

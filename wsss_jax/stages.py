@@ -1,0 +1,128 @@
+"""Multi-stage pipelines as plain Python: a list of named stages.
+
+A stage has a name, a function that does its work, and outputs in the workdir
+(checkpoints, PNG label folders, arrays).  When a stage finishes, a marker
+`<workdir>/<name>/stage.json` records its results and wall time; rerunning the
+pipeline skips every stage whose marker and outputs exist, and an interrupted
+stage resumes from its own checkpoint (training stages) or skips the files it
+already wrote (label stages).
+
+    stages = [Stage('box_labels', make_box_labels, outputs=('labels',)),
+              Stage('train', train_segmenter, outputs=('checkpoints',)),
+              Stage('evaluate', evaluate)]
+    records = run_stages(stages, context)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StageContext:
+  """Shared by every stage of one run."""
+  workdir: str
+  config: Any
+  # Results of the stages run (or skipped) so far, by stage name.
+  results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  # In-memory objects stages hand to each other (dataset, mesh, ...).
+  shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def stage_dir(self, name: str) -> str:
+    path = os.path.join(self.workdir, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A named step of a pipeline.
+
+  Attributes:
+    name: unique within the pipeline; also its folder in the workdir.
+    run: `run(context, stage_dir) -> dict` of JSON-serialisable results.
+    outputs: paths relative to the stage folder that must exist for the
+      stage to count as complete.
+    description: one line for logs and reports.
+  """
+  name: str
+  run: Callable[[StageContext, str], dict[str, Any]]
+  outputs: tuple[str, ...] = ()
+  description: str = ''
+
+
+MARKER = 'stage.json'
+
+
+def _read_marker(stage_dir: str) -> dict[str, Any] | None:
+  path = os.path.join(stage_dir, MARKER)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      marker = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    log.warning('Unreadable stage marker %s: the stage will run again.',
+                    path)
+    return None
+  return marker if marker.get('status') == 'done' else None
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=2, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(value):
+  if hasattr(value, 'tolist'):
+    return value.tolist()
+  return str(value)
+
+
+def is_complete(stage: Stage, stage_dir: str) -> bool:
+  if _read_marker(stage_dir) is None:
+    return False
+  return all(os.path.exists(os.path.join(stage_dir, out))
+             for out in stage.outputs)
+
+
+def run_stages(stages: list[Stage], context: StageContext
+               ) -> list[dict[str, Any]]:
+  """Runs (or skips) the stages in order; returns one record per stage.
+
+  A record is {'name', 'status' ('done' | 'skipped'), 'wall_s', 'results'};
+  for a skipped stage, wall_s is the time it took when it ran.
+  """
+  names = [stage.name for stage in stages]
+  if len(set(names)) != len(names):
+    raise ValueError(f'Stage names must be unique: {names}')
+  records = []
+  for stage in stages:
+    stage_dir = context.stage_dir(stage.name)
+    if is_complete(stage, stage_dir):
+      marker = _read_marker(stage_dir)
+      log.info('Stage %r is complete (%s); skipping.', stage.name,
+                   stage_dir)
+      record = dict(name=stage.name, status='skipped',
+                    wall_s=marker.get('wall_s', 0.0),
+                    results=marker.get('results', {}))
+    else:
+      log.info('Stage %r: %s', stage.name, stage.description or 'running')
+      start = time.time()
+      results = stage.run(context, stage_dir) or {}
+      record = dict(name=stage.name, status='done',
+                    wall_s=round(time.time() - start, 2), results=results)
+      write_json_atomic(os.path.join(stage_dir, MARKER),
+                        dict(record, description=stage.description))
+    context.results[stage.name] = record['results']
+    records.append(record)
+  return records

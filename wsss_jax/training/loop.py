@@ -1,0 +1,194 @@
+"""The training loop shared by every training stage of every method.
+
+    state, summary = train(TrainingJob(...))
+
+Resume order (big_vision): (1) the latest checkpoint of this stage; (2)
+otherwise `job.init_state()`, which applies an explicit initial checkpoint,
+pretrained weights or a random init.  Kill the process at any moment, run it
+again, and it continues from the last checkpoint with the same parameters,
+data order and rng as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import tqdm
+
+from wsss_jax.training import checkpoint as checkpoint_lib
+from wsss_jax.training import history as history_lib
+from wsss_jax.training import mesh as mesh_lib
+from wsss_jax.training import state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss or metric became NaN/Inf; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM received: a checkpoint was written; rerun the command to resume."""
+
+
+@dataclasses.dataclass
+class TrainingJob:
+  """Everything `train` needs; built by a method's stage function.
+
+  Attributes:
+    name: stage name (logs, TensorBoard tags).
+    stage_dir: folder for checkpoints, TensorBoard events and history.
+    init_state: () -> fresh TrainState (pretrained or random), replicated.
+    make_data_iter: () -> a checkpointable grain iterator of host batches.
+    train_step: jitted (state, device_batch) -> (state, metrics).
+    mesh: device mesh for the batches.
+    num_steps, log_every, checkpoint_every, keep_checkpoints, eval_every:
+      from `config.train`.
+    evaluate: optional (variables) -> dict of scalars (periodic validation).
+    images_per_step: global batch size (throughput reporting).
+  """
+  name: str
+  stage_dir: str
+  init_state: Callable[[], Any]
+  make_data_iter: Callable[[], Iterator[dict[str, Any]]]
+  train_step: Callable
+  mesh: Any
+  num_steps: int
+  log_every: int = 10
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 2
+  eval_every: int = 0
+  evaluate: Callable[[Any], dict[str, float]] | None = None
+  images_per_step: int = 0
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag checked between steps (main thread only)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
+  """Runs (or resumes) a training stage; returns (final state, summary)."""
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(job.stage_dir, 'checkpoints'), keep=job.keep_checkpoints)
+  data_iter = job.make_data_iter()
+  state = job.init_state()
+  restored = checkpointer.restore_latest(state_lib.abstract_state(state),
+                                         data_iter)
+  meta: dict[str, Any] = {}
+  if restored is not None:
+    state, meta, restored_step = restored
+    log.info('[%s] resumed from checkpoint step %d', job.name,
+                 restored_step)
+  history = history_lib.History(job.stage_dir, job.name, meta.get('history'))
+  start_step = int(jax.device_get(state.step))
+  pending: list[tuple[int, dict[str, Any]]] = []
+  last_saved = start_step if restored is not None else None
+
+  def flush():
+    """Fetches pending metrics, stops on NaN/Inf, records their mean."""
+    if not pending:
+      return
+    fetched = [(step, jax.device_get(m)) for step, m in pending]
+    pending.clear()
+    bad = history_lib.first_non_finite(fetched)
+    if bad is not None:
+      step, name, value = bad
+      where = (f'the last good checkpoint (step {last_saved}) is kept in '
+               f'{checkpointer.directory}' if last_saved is not None else
+               'no checkpoint was written yet')
+      raise NonFiniteLossError(
+          f'[{job.name}] {name} = {value} at step {step}; training stopped, '
+          f'{where}. Lower optim.lr or check the labels of this stage.')
+    scalars = history_lib.mean_scalars([m for _, m in fetched])
+    history.add_train(fetched[-1][0], scalars)
+    return scalars
+
+  def save(step):
+    nonlocal last_saved
+    flush()
+    checkpointer.save(step, state, data_iter, {
+        'history': history.state()})
+    last_saved = step
+
+  progress = tqdm.tqdm(total=job.num_steps, initial=start_step,
+                       desc=job.name, unit='step', dynamic_ncols=True,
+                       disable=jax.process_index() != 0)
+  step = start_step
+  first_step_seconds = eval_seconds = 0.0
+  session_start = time.time()
+  with _SigtermFlag() as sigterm:
+    try:
+      while step < job.num_steps:
+        batch = mesh_lib.device_batch(next(data_iter), job.mesh)
+        state, metrics = job.train_step(state, batch)
+        step += 1
+        pending.append((step, metrics))
+        if step == start_step + 1:  # includes compilation
+          jax.block_until_ready(metrics)
+          first_step_seconds = time.time() - session_start
+        done = step == job.num_steps
+        if step % job.log_every == 0 or done:
+          scalars = flush()
+          progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+          history_lib.log_line(job.name, step, scalars)
+        if job.evaluate is not None and job.eval_every and (
+            step % job.eval_every == 0 and not done):
+          tick = time.time()
+          scores = job.evaluate(state.variables)
+          eval_seconds += time.time() - tick
+          history.add_val(step, scores)
+          history_lib.log_line(job.name + '/val', step, scores)
+        progress.update(1)
+        if done or step % job.checkpoint_every == 0 or sigterm.raised:
+          save(step)
+        if sigterm.raised and not done:
+          checkpointer.wait()
+          raise Preempted(f'[{job.name}] SIGTERM at step {step}; checkpoint '
+                          'written. Rerun the same command to resume.')
+    finally:
+      progress.close()
+      checkpointer.close()
+      history.close()
+  session_seconds = time.time() - session_start
+  if job.evaluate is not None:
+    scores = job.evaluate(state.variables)
+    history.add_val(step, scores)
+  steps_run = job.num_steps - start_step
+  steady_seconds = session_seconds - first_step_seconds - eval_seconds
+  summary = {
+      'steps': job.num_steps,
+      'resumed_from_step': start_step if restored is not None else None,
+      'steps_this_session': steps_run,
+      'session_seconds': round(session_seconds, 2),
+      'first_step_seconds': round(first_step_seconds, 2),
+      'images_per_second': (
+          round(job.images_per_step * (steps_run - 1) / steady_seconds, 2)
+          if steps_run > 1 and steady_seconds > 0 and job.images_per_step
+          else None),
+      'history': history.state(),
+  }
+  return state, summary

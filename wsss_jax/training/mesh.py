@@ -1,0 +1,76 @@
+"""Data parallelism with jit + Mesh/NamedSharding (no pmap).
+
+The batch is split over the 'data' axis, parameters and optimiser state are
+replicated; XLA inserts the gradient all-reduce.  Multi-host runs call
+`maybe_initialize_distributed()` first and feed process-local batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from wsss_jax.data import schema
+
+log = logging.getLogger(__name__)
+
+DATA_AXIS = 'data'
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` when the environment asks for it.
+
+  Set WSSS_JAX_DISTRIBUTED=1 (with the usual JAX coordinator variables, or on
+  TPU pods / SLURM where JAX discovers them).  Returns True if initialised.
+  """
+  if os.environ.get('WSSS_JAX_DISTRIBUTED', '0') not in ('1', 'true', 'True'):
+    return False
+  jax.distributed.initialize()
+  log.info('jax.distributed: process %d of %d', jax.process_index(),
+               jax.process_count())
+  return True
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh over the first `num_devices` devices (0 = all)."""
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f'mesh.num_devices={num_devices} but only '
+                       f'{len(devices)} devices are available.')
+    devices = devices[:num_devices]
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh, field: str) -> None:
+  """The global batch must split evenly over devices and processes."""
+  n = mesh.devices.size
+  if batch_size % n or batch_size % jax.process_count():
+    raise ValueError(f'{field}={batch_size} must be divisible by the number '
+                     f'of devices ({n}) and processes ({jax.process_count()}).')
+
+
+def device_batch(batch: dict[str, Any], mesh) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays sharded over 'data'.
+
+  Host-only keys (image ids) are dropped; they stay with the caller.
+  """
+  sharding = data_sharded(mesh)
+  return {
+      key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+      for key, value in batch.items() if key not in schema.HOST_ONLY_KEYS
+  }

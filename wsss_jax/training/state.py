@@ -1,0 +1,83 @@
+"""The train state: one pytree holding everything a step changes.
+
+Shapes come from `jax.eval_shape` and the state is created directly with its
+sharding (big_vision), so nothing is materialised on one device first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from wsss_jax.training import mesh as mesh_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """(step, params, batch_stats, opt_state, rng); the optimiser is static.
+
+  `rng` is a raw uint32 key; each step uses fold_in(rng, step), so a resumed
+  run draws exactly the numbers an uninterrupted run would.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]
+                   ) -> dict[str, Any]:
+  """Model variables for a (B, H, W, 3) float input; batch_stats may be {}."""
+  variables = model.init({'params': rng, 'dropout': rng},
+                         jnp.zeros(image_shape, jnp.float32), train=False)
+  variables = flax.core.unfreeze(variables)
+  return {'params': variables['params'],
+          'batch_stats': variables.get('batch_stats', {})}
+
+
+def create_train_state(model, make_tx, rng: jax.Array,
+                       image_shape: tuple[int, ...], mesh,
+                       variables: dict[str, Any] | None = None) -> TrainState:
+  """A replicated TrainState.
+
+  Args:
+    model: the Flax module.
+    make_tx: params -> optax transformation (built from abstract params).
+    rng: base key; the init key and the per-step training key derive from it.
+    image_shape: input shape used to trace the model once.
+    mesh: the device mesh; every leaf is replicated over it.
+    variables: optional initial variables (e.g. pretrained weights merged into
+      a fresh init); when given, they replace the random init.
+  """
+  init_rng, train_rng = jax.random.split(rng)
+
+  def init_fn(init_rng, train_rng, variables):
+    if variables is None:
+      variables = init_variables(model, init_rng, image_shape)
+    tx = make_tx(variables['params'])
+    return TrainState(step=jnp.zeros((), jnp.int32),
+                      params=variables['params'],
+                      batch_stats=variables['batch_stats'],
+                      opt_state=tx.init(variables['params']),
+                      rng=train_rng, tx=tx)
+
+  abstract = jax.eval_shape(init_fn, init_rng, train_rng, variables)
+  sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract)
+  return jax.jit(init_fn, out_shardings=sharding)(init_rng, train_rng,
+                                                  variables)
+
+
+def abstract_state(state: TrainState) -> TrainState:
+  """ShapeDtypeStructs (with shardings) of a state, for checkpoint restore."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state)
