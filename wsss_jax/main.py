@@ -8,11 +8,13 @@ Intentionally short: all the work is in `wsss_jax.run.train_and_evaluate`.
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from wsss_jax import run
+from wsss_jax.training import mesh
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/box_baseline.py[:variant].',
@@ -25,12 +27,7 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Libraries log through absl (orbax's INFO is chatty): absl at WARNING,
-  # this package's own loggers ('wsss_jax.*') at INFO.
-  logging.set_verbosity(logging.WARNING)
-  std_logging.getLogger('wsss_jax').setLevel(std_logging.INFO)
-  from wsss_jax import run  # pylint: disable=g-import-not-at-top
-  from wsss_jax.training import mesh  # pylint: disable=g-import-not-at-top
+  run.configure_logging()
   mesh.maybe_initialize_distributed()
   config = _CONFIG.value
   workdir = _WORKDIR.value or run.default_workdir(config)

@@ -16,6 +16,15 @@ from wsss_jax.reporting import report, results as results_lib
 log = logging.getLogger(__name__)
 
 
+def configure_logging() -> None:
+  """This package's INFO lines on; libraries that log through absl (orbax's
+  per-save chatter) at WARNING."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  std_logging.getLogger('wsss_jax').setLevel(std_logging.INFO)
+
+
 def default_workdir(config) -> str:
   name = config.name + (f'-{config.variant}' if config.variant else '')
   return os.path.join('runs', name)

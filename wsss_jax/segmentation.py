@@ -3,7 +3,7 @@
 These know nothing of any method: a method composes them (or its own stages)
 into a pipeline, choosing the labels, the loss and the model.
 
-    label_stats = make_label_folder(rt, folder, fill_box_labels)
+    label_stats = make_label_folder(rt, folder, grabcut.box_fill_example)
     summary = train_segmenter(rt, stage_dir, loss_fn=cross_entropy_on('pseudo'),
                               label_folders={'pseudo': folder})
     scores = evaluate_model(rt, eval_dir, model_file=...)
@@ -53,14 +53,6 @@ def make_label_folder(rt: Runtime, folder: str,
   return {'generation': _jsonable(stats), 'quality': quality}
 
 
-def fill_box_labels(example: dict[str, Any]) -> np.ndarray:
-  """Box-filled mask of an example (smaller box on top); the "Box" baseline."""
-  from wsss_jax.data.boxes import fill_boxes  # pylint: disable=g-import-not-at-top
-  height, width = example[schema.IMAGE].shape[:2]
-  return fill_boxes(example[schema.BOXES], example[schema.BOX_LABELS], height,
-                    width)
-
-
 # ----------------------------------------------------------------------------
 # Models and weights
 # ----------------------------------------------------------------------------
@@ -90,7 +82,8 @@ def initial_variables(rt: Runtime, model, rng: jax.Array
         'with `python -m wsss_jax.tools.convert_weights` or pass an empty '
         'string to train from scratch.')
   variables, report = weights_lib.load_weights(
-      variables, path, dont_load=tuple(rt.config.model.dont_load))
+      variables, path, dont_load=tuple(rt.config.model.dont_load),
+      allow_missing=tuple(rt.config.model.allow_missing))
   log.info('Initialised from %s (sha256 %s): %d arrays loaded.', path,
                report.get('sha256'), report.get('loaded'))
   return variables, {'init': os.path.abspath(path), **_jsonable(report)}

@@ -38,7 +38,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from wsss_jax.data import registry
-from wsss_jax.data import schema
+from wsss_jax.data import label_png, schema
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +123,16 @@ def read_image(path: str) -> CheckedImage:
 
 
 def read_label_png(path: str) -> np.ndarray:
-  """Reads a class-index PNG as (H, W) uint8.
-
-  A palette ('P') PNG gives its palette indices (not its colours); a grayscale
-  ('L') PNG its values.
+  """Reads a class-index PNG as (H, W) uint8 (`label_png.read_label_png`).
 
   Raises:
-    BadFileError: unreadable/corrupt file or another mode.
+    BadFileError: unreadable/corrupt file or not a palette/grayscale PNG, so
+      preparation skips and lists it.
   """
   try:
-    with Image.open(path) as image:
-      image.load()
-      mode = image.mode
-      array = np.array(image)
-  except Exception as e:  # pylint: disable=broad-except
-    raise BadFileError(f'corrupt mask: {type(e).__name__}: {e}', path) from e
-  if mode not in ('P', 'L'):
-    raise BadFileError(f'mask mode {mode!r}; expected a palette (P) or '
-                       'grayscale (L) PNG of class indices', path)
-  return array.astype(np.uint8)
+    return label_png.read_label_png(path)
+  except label_png.LabelMapError as e:
+    raise BadFileError(f'corrupt mask: {e}', path) from e
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:

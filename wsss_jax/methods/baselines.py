@@ -15,6 +15,7 @@ import os
 
 from wsss_jax import segmentation
 from wsss_jax.data import schema
+from wsss_jax.host import grabcut
 from wsss_jax.methods.base import MethodPipeline
 from wsss_jax.runtime import Runtime
 from wsss_jax.stages import Stage
@@ -53,7 +54,7 @@ def box_baseline(rt: Runtime) -> MethodPipeline:
 
   def make_labels(context, stage_dir):  # pylint: disable=unused-argument
     return segmentation.make_label_folder(
-        rt, os.path.join(stage_dir, 'labels'), segmentation.fill_box_labels,
+        rt, os.path.join(stage_dir, 'labels'), grabcut.box_fill_example,
         workers=rt.config.eval.crf_workers)
 
   def train(context, stage_dir):

@@ -65,6 +65,7 @@ def build_backbone(model_config: Mapping[str, Any],
         fc6_dilation=int(_field(model_config, 'fc6_dilation')),
         fc_dim=int(_field(model_config, 'fc_dim')),
         dropout=float(_field(model_config, 'dropout')),
+        batch_norm=bool(model_config.get('batch_norm', False)),
         dtype=dtype)
   if name == 'resnet101_deeplab':
     return resnet.ResNetDeepLab(

@@ -13,6 +13,11 @@ with Deep Convolutional Nets and Fully Connected CRFs", ICLR 2015):
 
 Output stride 8: 321 -> 161 -> 81 -> 41.  Module names are those of the
 DeepLab caffe weights, so converted `vgg16_20M` weights map one to one.
+
+`batch_norm=True` adds a trained BatchNorm after every conv1..conv5 layer (the
+torchvision VGG16-BN placement; `conv1_1_bn`, ...).  The papers' networks do
+not have it; the embedded benchmark's small from-scratch backbone uses it so
+that it trains in a few hundred steps.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ class VGG16LargeFOV(nn.Module):
     fc6_dilation: dilation (= padding) of the 3x3 fc6 conv.
     fc_dim: channels of fc6 and fc7 (1024 in DeepLab-LargeFOV).
     dropout: channel-dropout rate after fc6 and fc7 (PyTorch `Dropout2d`).
+    batch_norm: trained BatchNorm after each conv1..conv5 layer.
     dtype: computation dtype; parameters are float32.
   """
   width: float = 1.0
   fc6_dilation: int = 12
   fc_dim: int = 1024
   dropout: float = 0.5
+  batch_norm: bool = False
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -63,6 +70,9 @@ class VGG16LargeFOV(nn.Module):
             layers.scaled_channels(base, self.width), 3, padding=dilation,
             dilation=dilation, dtype=self.dtype,
             name=f'conv{block}_{index}')(x)
+        if self.batch_norm:
+          x = layers.batch_norm(False, train, self.dtype,
+                                name=f'conv{block}_{index}_bn')(x)
         x = nn.relu(x)
       x = layers.max_pool2d(x, 3, stride=2 if block <= 3 else 1, padding=1)
     x = layers.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True)

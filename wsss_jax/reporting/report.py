@@ -32,6 +32,17 @@ def _fmt(value: Any, digits: int = 1) -> str:
   return str(value)
 
 
+def describe_protocol(protocol: dict[str, Any] | None) -> str:
+  """'val, bucket 128, scales 1.0, flip, mean_probs, CRF' in words."""
+  if not protocol:
+    return '–'
+  scales = '/'.join(f'{s:g}' for s in protocol.get('scales', []))
+  return (f"{protocol.get('split')} split, padded to {protocol.get('bucket_size')}"
+          f" px, scales {scales}, {'with' if protocol.get('flip') else 'no'} "
+          f"flip, fusion {protocol.get('fusion')}, "
+          f"{'with' if protocol.get('crf') else 'no'} CRF")
+
+
 def plot_history(history: dict[str, Any], title: str, path: str) -> bool:
   """Training loss and periodic validation mIoU against the step (PNG)."""
   train = history.get('train', [])
@@ -132,7 +143,7 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
       f"| backbone | {backbone['name']} (width {backbone['width']}, head "
       f"{backbone['head']}) |",
       f"| initialisation | {(backbone.get('initialisation') or {}).get('init', '–')} |",
-      f"| evaluation | {val.get('protocol')} |",
+      f"| evaluation | {describe_protocol(val.get('protocol'))} |",
       f"| wall time | {results['wall_s']:.1f} s |",
       f"| devices | {', '.join(results['devices'])} |",
       f"| skipped data files | {len(results['dataset']['skipped_files'])} |",

@@ -49,7 +49,7 @@ MIN_IMAGE_SIZE = 16
 _SPLIT_CODES = {('main', 'train'): 0, ('main', 'val'): 1,
                 ('aux', 'train'): 2, ('aux', 'val'): 3}
 _MAX_ATTEMPTS = 20
-_RADIUS_RANGE = (7.5, 30.0)        # half-size in px at 128 px (uniform)
+_RADIUS_RANGE = (13.0, 42.0)       # half-size in px at 128 px (uniform)
 _NOISE_SIGMA = 2.0                 # per-pixel sensor noise, grey levels
 
 # shape -> (hue in degrees, texture kind, max |rotation| in degrees).  Limited
@@ -286,9 +286,9 @@ def _object_colours(rng: np.random.Generator,
   Hues spread by 20 degrees (class centres are ~60 apart) and 15 % of objects
   get an arbitrary hue, so colour alone never identifies the class.
   """
-  if rng.uniform() < 0.15:
+  if rng.uniform() < 0.1:
     hue = rng.uniform(0, 360)
-  hue += rng.normal(0, 20)
+  hue += rng.normal(0, 12)
   primary = _colour(rng, hue, (0.55, 0.95), (0.55, 0.95))
   secondary = _colour(rng, hue + rng.uniform(-25, 25), (0.3, 0.9),
                       (0.25, 0.6))
@@ -368,7 +368,7 @@ def _background(rng: np.random.Generator, size: int, scale: float,
   ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
   image = start + (end - start) * ramp[..., None]
   image += 22.0 * _smooth_noise(rng, size, size, int(rng.integers(3, 7)), 3)
-  for _ in range(int(rng.integers(2, 6))):
+  for _ in range(int(rng.integers(1, 4))):
     _paint_blob(rng, image, size, scale, hue())
   return image
 
@@ -394,7 +394,9 @@ def _paint_blob(rng: np.random.Generator, image: np.ndarray, size: int,
   level = level + 0.8 * _smooth_noise(rng, r1 - r0, c1 - c0, 3)[..., 0]
   # level changes by ~2/radius per px at the rim: this gives a ~1 px soft edge.
   alpha = np.clip(0.5 + 0.5 * radius * level, 0, 1)[..., None]
-  primary, secondary = _object_colours(rng, hue)
+  primary = _colour(rng, hue + rng.normal(0, 12), (0.2, 0.6), (0.35, 0.85))
+  secondary = _colour(rng, hue + rng.uniform(-25, 25), (0.15, 0.6),
+                      (0.3, 0.85))
   cells = max(2, int(round(2 * reach / (8 * scale))))
   mottle = _smooth_noise(rng, r1 - r0, c1 - c0, cells)
   colour = primary + (secondary - primary) * (mottle + 1) * rng.uniform(0.1,

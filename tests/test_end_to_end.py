@@ -1,0 +1,95 @@
+"""One-step end-to-end runs of every config's `:tiny` variant."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (loads config files)
+
+from wsss_jax import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, variant='tiny'):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      f'config_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+@pytest.mark.parametrize('name', ['supervised', 'box_baseline'])
+def test_tiny_config_runs_end_to_end_and_resumes(name, tmp_path):
+  config = load_config(name)
+  workdir = str(tmp_path / name)
+  results = run.train_and_evaluate(config, workdir)
+  assert results['config'] == {'name': name, 'variant': 'tiny'}
+  assert results['method'] == name
+  assert results['dataset']['name'] == 'shapes'
+  assert results['backbone']['name'] == 'vgg16_largefov'
+  assert 0.0 <= results['val']['miou'] <= 100.0
+  assert set(results['val']['per_class_iou']) == set(
+      results['dataset']['class_names'])
+  assert 0.0 <= results['val']['pixel_acc'] <= 100.0
+  assert [s['name'] for s in results['stages']][-1] == 'evaluate'
+  assert all(s['status'] == 'done' for s in results['stages'])
+  assert results['versions']['jax'] and results['devices']
+  assert results['full_config']['train']['num_steps'] == 2
+  if name == 'box_baseline':
+    assert 40.0 < results['pseudo']['miou'] < 90.0   # box fills, not GT
+  else:
+    assert results['pseudo'] is None
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['val']['miou'] == results['val']['miou']
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert 'val mIoU' in report and 'curve_train.png' in report
+  assert os.path.exists(os.path.join(workdir, 'report', 'curve_train.png'))
+  predictions = os.path.join(workdir, 'evaluate', 'predictions', 'val')
+  assert len(os.listdir(predictions)) == results['val']['num_images'] == 4
+  # Rerunning the same command resumes: every stage is complete, so skipped.
+  again = run.train_and_evaluate(config, workdir)
+  assert all(s['status'] == 'skipped' for s in again['stages'])
+  assert again['val']['miou'] == results['val']['miou']
+
+
+def test_changed_config_in_same_workdir_is_refused(tmp_path):
+  config = load_config('supervised')
+  run.train_and_evaluate(config, str(tmp_path))
+  config.optim.lr = 0.5
+  with pytest.raises(ValueError, match='optim.lr'):
+    run.train_and_evaluate(config, str(tmp_path))
+
+
+def _main(*args, cwd=REPO, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'wsss_jax.main', *args],
+                        cwd=cwd, capture_output=True, text=True,
+                        timeout=timeout, env=dict(os.environ,
+                                                  JAX_PLATFORMS='cpu'))
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.optim.lrr=0.1', 'lrr'),
+    ('--config.train.num_steps=1.5', 'num_steps'),
+])
+def test_command_line_rejects_typos_and_wrong_types(flag, message, tmp_path):
+  result = _main('--config=configs/supervised.py:tiny',
+                 f'--workdir={tmp_path}', flag)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not os.path.exists(tmp_path / 'results.json')
+
+
+def test_command_line_rejects_out_of_range_values(tmp_path):
+  result = _main('--config=configs/supervised.py:tiny',
+                 f'--workdir={tmp_path}', '--config.optim.lr=-1')
+  assert result.returncode != 0
+  assert 'optim.lr' in result.stderr and 'must be > 0' in result.stderr
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match='Unknown variant'):
+    load_config('supervised', 'nonsense')
