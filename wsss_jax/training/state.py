@@ -66,7 +66,7 @@ def create_train_state(model, make_tx, rng: jax.Array,
     tx = make_tx(variables['params'])
     return TrainState(step=jnp.zeros((), jnp.int32),
                       params=variables['params'],
-                      batch_stats=variables['batch_stats'],
+                      batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(variables['params']),
                       rng=train_rng, tx=tx)
 

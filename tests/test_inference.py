@@ -1,0 +1,135 @@
+"""Full-image inference: multi-scale/flip fusion, buckets, CRF evaluation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wsss_jax import defaults
+from wsss_jax.data import registry
+from wsss_jax.evaluation import inference
+from wsss_jax.training import mesh as mesh_lib
+
+
+class ColourModel(nn.Module):
+  """Logits = the normalised RGB values, 2x2-average-pooled (stride 2).
+
+  Non-overlapping pooling of an even-sized image commutes with a horizontal
+  flip, so the model is flip-equivariant.
+  """
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    self.param('unused', nn.initializers.zeros, (1,))
+    pooled = nn.avg_pool(images, (2, 2), strides=(2, 2))
+    return {'logits': pooled[..., :self.num_classes]}
+
+
+class ConstantModel(nn.Module):
+  """Predicts class `label` everywhere."""
+  label: int
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    self.param('unused', nn.initializers.zeros, (1,))
+    b, h, w, _ = images.shape
+    logits = jax.nn.one_hot(jnp.full((b, (h + 7) // 8, (w + 7) // 8),
+                                     self.label), self.num_classes) * 10.0
+    return {'logits': logits}
+
+
+def _variables(model, size=16):
+  return model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+
+
+def test_flip_fusion_of_a_mirror_symmetric_model_is_exact():
+  # The colour model is equivariant to flips: flipping the input and then the
+  # logits back gives the same logits, so fused probabilities equal the
+  # single pass.
+  model = ColourModel()
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3)),
+                       jnp.uint8)
+  single = inference.make_predictor(model, 'imagenet', output='probs')
+  flipped = inference.make_predictor(model, 'imagenet', flip=True,
+                                     output='probs')
+  variables = _variables(model)
+  np.testing.assert_allclose(single(variables, images),
+                             flipped(variables, images), atol=1e-5)
+
+
+def test_fusion_modes_hand_computed():
+  model = ColourModel()
+  variables = _variables(model)
+  images = jnp.full((1, 8, 8, 3), 128, jnp.uint8)   # constant image
+  for fusion in inference.FUSIONS:
+    probs = inference.make_predictor(model, 'imagenet', scales=(0.5, 1.0),
+                                     flip=True, fusion=fusion,
+                                     output='probs')(variables, images)
+    # A constant image gives the same logits at every scale and flip, so
+    # every fusion equals softmax of the normalised colour.
+    x = (128 - np.asarray([0.485, 0.456, 0.406]) * 255) / (
+        np.asarray([0.229, 0.224, 0.225]) * 255)
+    expected = np.exp(x) / np.exp(x).sum()
+    np.testing.assert_allclose(probs[0, 3, 3], expected, rtol=1e-5)
+
+
+def test_labels_output_is_argmax_of_probs():
+  model = ColourModel()
+  variables = _variables(model)
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 255, (1, 16, 16, 3)),
+                       jnp.uint8)
+  probs = inference.make_predictor(model, 'imagenet', output='probs')(
+      variables, images)
+  labels = inference.make_predictor(model, 'imagenet')(variables, images)
+  np.testing.assert_array_equal(labels, np.argmax(probs, -1))
+  assert labels.dtype == jnp.uint8
+
+
+def test_bad_fusion_and_scales_are_rejected():
+  with pytest.raises(ValueError, match='fusion'):
+    inference.make_predictor(ColourModel(), 'imagenet', fusion='median')
+  with pytest.raises(ValueError, match='scales'):
+    inference.make_predictor(ColourModel(), 'imagenet', scales=(0.0,))
+
+
+def _tiny_dataset():
+  config = defaults.shapes_data()
+  config.shapes.update(image_size=32, num_train=8, num_val=5)
+  return registry.open_dataset(config)
+
+
+def test_bucket_too_small_names_an_image():
+  dataset = _tiny_dataset()
+  config = defaults.evaluation()
+  config.bucket_size = 24
+  with pytest.raises(ValueError, match='shapes_val_'):
+    inference.bucket_size_for(config, dataset.index('val'))
+  config.bucket_size = 0
+  assert inference.bucket_size_for(config, dataset.index('val')) == 32
+
+
+@pytest.mark.parametrize('crf', [False, True])
+def test_evaluator_scores_a_constant_prediction_exactly(crf, tmp_path):
+  dataset = _tiny_dataset()
+  config = defaults.evaluation()
+  config.update(batch_size=2, crf=crf, crf_workers=0)   # 5 images: padding
+  model = ConstantModel(label=0, num_classes=dataset.num_classes)
+  evaluator = inference.Evaluator(model, dataset, 'val', config, 'imagenet',
+                                  mesh_lib.make_mesh())
+  scores = evaluator(_variables(model, 32), out_dir=str(tmp_path))
+  assert scores['num_images'] == 5
+  # All background: IoU(background) = background pixels / labelled pixels,
+  # every other present class has IoU 0.
+  masks = [dataset.source('val')[i]['mask'] for i in range(5)]
+  labelled = sum(int((m != 255).sum()) for m in masks)
+  background = sum(int((m == 0).sum()) for m in masks)
+  assert scores['per_class_iou']['background'] == pytest.approx(
+      100 * background / labelled)
+  present = {c for m in masks for c in np.unique(m) if c not in (0, 255)}
+  expected_miou = 100 * background / labelled / (1 + len(present))
+  assert scores['miou'] == pytest.approx(expected_miou)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      f'shapes_val_{i:06d}.png' for i in range(5)]
