@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import statistics
 import time
 
 from absl import app, flags
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 
 from wsss_jax import defaults, segmentation
+import timing  # experiments/timing.py (this script's folder is on sys.path)
 from wsss_jax.models import build
 from wsss_jax.training import mesh as mesh_lib, optim
 from wsss_jax.training import state as state_lib, step as step_lib
@@ -63,17 +63,8 @@ def measure(name: str, steps: int, dtype) -> dict:
       'image': rng.integers(0, 255, (batch_size, crop, crop, 3), np.uint8),
       'mask': rng.integers(0, num_classes, (batch_size, crop, crop),
                            dtype=np.uint8)}, mesh)
-  start = time.perf_counter()
-  state, metrics = train_step(state, batch)
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
+  state, first, median = timing.time_train_step(train_step, state, batch,
+                                                steps)
   return {
       'model': name, 'backbone': model_config.backbone,
       'width': model_config.width, 'crop': crop, 'batch': batch_size,

@@ -11,7 +11,6 @@ supervised run is clearly above the box baseline (gap >= 8 mIoU).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -29,11 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, variant: str = ''):
-  spec = importlib.util.spec_from_file_location(
-      f'config_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return run.load_config_file(
+      os.path.join(REPO, 'configs', f'{name}.py'), variant)
 
 
 def main(argv):

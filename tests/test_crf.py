@@ -70,7 +70,7 @@ def test_params_defaults_match_config():
   assert crf.CrfParams.from_config(config) == crf.CrfParams()
   params = crf.CrfParams.from_config({'iterations': 5, 'bilateral_sxy': 55.0})
   assert params.iterations == 5 and params.bilateral_sxy == 55.0
-  assert params.gauss_sxy == 3.0
+  assert params.gauss_sxy == 1.0      # DeepLab-v2 POS_XY_STD
 
 
 @pytest.mark.parametrize('kwargs, message', [

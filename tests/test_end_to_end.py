@@ -14,12 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, variant='tiny'):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      f'config_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return run.load_config_file(
+      os.path.join(REPO, 'configs', f'{name}.py'), variant)
 
 
 @pytest.mark.parametrize('name', ['supervised', 'box_baseline'])

@@ -61,6 +61,8 @@ def _job(stage_dir, loss_fn=_ce, num_steps=6, wrap_step=None):
 
   return loop.TrainingJob(
       name='t', stage_dir=str(stage_dir),
+      abstract_state=lambda: state_lib.abstract_train_state(
+          model, make_tx, jax.random.PRNGKey(0), (1, 8, 8, 3), mesh),
       init_state=lambda: state_lib.create_train_state(
           model, make_tx, jax.random.PRNGKey(0), (1, 8, 8, 3), mesh),
       make_data_iter=make_iter, train_step=train_step, mesh=mesh,

@@ -87,7 +87,11 @@ def test_vgg_largefov_output_stride_8(size, expected):
   assert out['logits'].shape == (2, expected, expected, 21)
   assert out['features'].shape == (2, expected, expected, 1024)
   assert out['logits'].dtype == jnp.float32
-  assert 'levels' not in out
+  # Pyramid levels for decoders: conv3_3 at stride 4, conv4_3 and fc7 at 8.
+  quarter = -(-(-(-size // 2)) // 2)
+  assert out['levels']['c3'].shape == (2, quarter, quarter, 256)
+  assert out['levels']['c4'].shape == (2, expected, expected, 512)
+  assert out['levels']['c5'].shape == (2, expected, expected, 1024)
   assert build.feature_size(config, size) == expected
 
 

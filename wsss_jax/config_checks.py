@@ -6,10 +6,16 @@ import json
 import os
 from typing import Any
 
+from wsss_jax.atomic import write_json_atomic
+
 # Fields that may change between a run and its resumption without changing
-# what is computed (parallelism, host workers, logging cadence).
-RESUME_SAFE_FIELDS = ('input.worker_count', 'eval.crf_workers',
-                      'mesh.num_devices', 'train.log_every')
+# what is computed: host CRF/GrabCut workers, device count (the state is
+# replicated), logging cadence, and where the raw or prepared data lives.
+# Not `input.worker_count`: grain's iterator state depends on it.
+RESUME_SAFE_FIELDS = ('eval.crf_workers', 'mesh.num_devices',
+                      'train.log_every', 'data.data_dir', 'data.voc.voc_root',
+                      'data.voc.sbd_root', 'data.voc.seg_aug_root',
+                      'data.coco.root')
 
 
 class ConfigError(ValueError):
@@ -99,10 +105,7 @@ def check_workdir_config(config, workdir: str) -> None:
   current = config_as_dict(config)
   if not os.path.exists(path):
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, current)
     return
   with open(path) as f:
     previous = json.load(f)

@@ -191,7 +191,9 @@ def evaluation() -> ConfigDict:
       fusion='mean_probs',       # multi-scale/flip: 'mean_probs', 'mean_logits', 'max_logits'
       align_corners=False,       # bilinear convention for rescaling inputs/logits
       crf=False,
-      crf_params=dict(iterations=10, gauss_sxy=3.0, gauss_compat=3.0,
+      # DeepLab-v2's DenseCRF (POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67,
+      # BI_RGB_STD 3; as in LPG's ResNet config and Box2Seg §7 item 27).
+      crf_params=dict(iterations=10, gauss_sxy=1.0, gauss_compat=3.0,
                       bilateral_sxy=67.0, bilateral_srgb=3.0,
                       bilateral_compat=4.0),
       crf_workers=2,

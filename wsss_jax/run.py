@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 from wsss_jax import config_checks, methods, runtime, stages
+from wsss_jax.atomic import write_json_atomic
+from wsss_jax.training import mesh as mesh_lib
 from wsss_jax.reporting import report, results as results_lib
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,17 @@ def configure_logging() -> None:
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
   std_logging.getLogger('wsss_jax').setLevel(std_logging.INFO)
+
+
+def load_config_file(path: str, variant: str = ''):
+  """`get_config(variant)` of the config file at `path` (what
+  `--config=path:variant` does, for scripts and tests)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'wsss_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 
 def default_workdir(config) -> str:
@@ -38,16 +51,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   start = time.time()
   config_checks.validate(config)
+  rt = runtime.make_runtime(config)       # fails early on missing data
   config_checks.check_workdir_config(config, workdir)
-  rt = runtime.make_runtime(config)
   log.info('Run %s (%s) on %s, %d device(s), workdir %s', config.name,
                config.method, rt.dataset.name, rt.mesh.devices.size, workdir)
   pipeline = methods.build_pipeline(config.method, rt)
   context = stages.StageContext(workdir=workdir, config=config)
   records = stages.run_stages(pipeline.stages, context)
   results = results_lib.assemble(rt, pipeline, records, time.time() - start)
-  stages.write_json_atomic(os.path.join(workdir, 'results.json'), results)
-  report_path = report.write_report(rt, workdir, pipeline, records, results)
+  report_path = os.path.join(workdir, 'report.md')
+  if mesh_lib.is_primary():
+    write_json_atomic(os.path.join(workdir, 'results.json'), results)
+    report.write_report(rt, workdir, pipeline, records, results)
   val, pseudo = results.get('val') or {}, results.get('pseudo') or {}
   log.info('Done in %.1f s: val mIoU %s%s. Report: %s', results['wall_s'],
                f"{val['miou']:.2f}" if 'miou' in val else 'n/a',

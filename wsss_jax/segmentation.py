@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from wsss_jax import losses
+from wsss_jax.atomic import json_safe
 from wsss_jax.data import pipeline, schema
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.evaluation import inference, metrics
@@ -28,6 +29,7 @@ from wsss_jax.models import build as model_build
 from wsss_jax.models import weights as weights_lib
 from wsss_jax.runtime import Runtime
 from wsss_jax.training import loop, optim, state as state_lib, step as step_lib
+from wsss_jax.training import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +45,23 @@ def make_label_folder(rt: Runtime, folder: str,
   """Writes `label_fn(example)` for every training image as `<id>.png`.
 
   Resumable (existing files are skipped); returns generation stats plus the
-  pseudo-mask scores against the ground truth of the training split.
+  pseudo-mask scores against the ground truth of the training split
+  ('quality'; pixels a label map leaves at 255 are not scored).
   """
   source = rt.dataset.source(rt.train_split)
-  stats = grabcut.generate_label_folder(source, LabelFolder(folder), label_fn,
-                                        workers=workers)
-  quality = metrics.evaluate_label_folder(folder, source, rt.class_names)
+  stats = {}
+  if mesh_lib.is_primary():          # one writer; the others wait below
+    stats = grabcut.generate_label_folder(
+        source, LabelFolder(folder), label_fn, workers=workers,
+        image_ids=rt.dataset.index(rt.train_split).image_ids)
+  mesh_lib.barrier(f'labels-{folder}')
+  # Pseudo-labels may leave pixels unlabelled (255): scored on the rest,
+  # with their share reported as 'unlabeled_pct'.
+  quality = metrics.evaluate_label_folder(
+      folder, rt.dataset.source(rt.train_split, decode_images=False),
+      rt.class_names, pred_ignore_label=schema.IGNORE_LABEL)
   quality.pop('confusion', None)
-  return {'generation': _jsonable(stats), 'quality': quality}
+  return {'generation': json_safe(stats), 'quality': quality}
 
 
 # ----------------------------------------------------------------------------
@@ -74,7 +85,14 @@ def initial_variables(rt: Runtime, model, rng: jax.Array
                                                       (1, crop, crop, 3)))
   path = rt.config.model.init_weights
   if not path:
-    log.info('No model.init_weights given: training from scratch.')
+    if rt.dataset.name.startswith('shapes'):
+      log.info('No model.init_weights given: training from scratch.')
+    else:
+      log.warning('No model.init_weights given: training %s on %s from '
+                  'SCRATCH; the papers start from ImageNet/COCO weights '
+                  '(convert them with `python -m wsss_jax.tools.'
+                  'convert_weights`).', rt.config.model.backbone,
+                  rt.dataset.name)
     return variables, {'init': 'scratch'}
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -86,7 +104,7 @@ def initial_variables(rt: Runtime, model, rng: jax.Array
       allow_missing=tuple(rt.config.model.allow_missing))
   log.info('Initialised from %s (sha256 %s): %d arrays loaded.', path,
                report.get('sha256'), report.get('loaded'))
-  return variables, {'init': os.path.abspath(path), **_jsonable(report)}
+  return variables, {'init': os.path.abspath(path), **json_safe(report)}
 
 
 # ----------------------------------------------------------------------------
@@ -103,7 +121,11 @@ def cross_entropy_on(label_key: str) -> step_lib.LossFn:
 
 def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
                     label_folders: Mapping[str, str] | None = None,
-                    model=None, name: str = 'train') -> dict[str, Any]:
+                    model=None, name: str = 'train',
+                    num_steps: int | None = None,
+                    init_from: str | None = None,
+                    frozen_modules: tuple[str, ...] = (),
+                    validate: bool = True) -> dict[str, Any]:
   """Trains (or resumes) a segmentation network; writes `<stage_dir>/model.npz`.
 
   Args:
@@ -114,6 +136,12 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
     model: the Flax module (default: `config.model` with the dataset's
       classes).
     name: the stage name for logs.
+    num_steps: training steps (default `config.train.num_steps`).
+    init_from: a previous stage's `model.npz` to start from (every array
+      must match); otherwise `model.init_weights` or a random init.
+    frozen_modules: top-level modules that receive no update.
+    validate: score the val split periodically and at the end (off for
+      stages whose 'logits' are not trained, e.g. Box2Seg's phase 1).
   Returns:
     The training summary (steps, throughput, history, initialisation).
   """
@@ -127,26 +155,38 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       config.input, num_foreground=rt.num_classes - 1,
       image_pad_value=rt.pad_color, label_keys=tuple(label_folders))
   batch_size = config.input.batch_size
-  num_steps = config.train.num_steps
+  mesh_lib.check_batch_size(batch_size, rt.mesh, 'input.batch_size')
+  num_steps = int(num_steps or config.train.num_steps)
   rng = jax.random.PRNGKey(config.seed)
   init_record: dict[str, Any] = {}
 
-  def init_state():
-    variables, record = initial_variables(rt, model, rng)
-    init_record.update(record)
-    make_tx = functools.partial(optim.make_optimizer, config.optim,
-                                num_steps=num_steps)
-    crop = config.input.crop_size
-    return state_lib.create_train_state(model, make_tx, rng,
-                                        (1, crop, crop, 3), rt.mesh,
-                                        variables=variables)
+  make_tx = functools.partial(optim.make_optimizer, config.optim,
+                              num_steps=num_steps,
+                              frozen_modules=tuple(frozen_modules))
+  crop = config.input.crop_size
+  image_shape = (1, crop, crop, 3)
 
+  def init_state():
+    if init_from:
+      _, variables = load_trained(rt, init_from, model)
+      record = {'init': os.path.abspath(init_from),
+                'sha256': weights_lib.file_sha256(init_from)}
+    else:
+      variables, record = initial_variables(rt, model, rng)
+    init_record.update(record)
+    return state_lib.create_train_state(model, make_tx, rng, image_shape,
+                                        rt.mesh, variables=variables)
+
+  # Periodic validation is a cheap progress signal: single scale, no CRF.
   evaluator = inference.Evaluator(model, rt.dataset, rt.val_split,
-                                  config.eval, rt.normalization, rt.mesh,
+                                  _single_scale(config.eval),
+                                  rt.normalization, rt.mesh,
                                   rt.compute_dtype,
                                   config.input.worker_count)
   job = loop.TrainingJob(
       name=name, stage_dir=stage_dir, init_state=init_state,
+      abstract_state=lambda: state_lib.abstract_train_state(
+          model, make_tx, rng, image_shape, rt.mesh),
       make_data_iter=lambda: iter(pipeline.train_loader(
           source, transform, batch_size, config.seed,
           config.input.worker_count)),
@@ -156,14 +196,16 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       checkpoint_every=config.train.checkpoint_every,
       keep_checkpoints=config.train.keep_checkpoints,
       eval_every=config.train.eval_every,
-      evaluate=lambda variables: _val_scalars(evaluator(
+      evaluate=(lambda variables: _val_scalars(evaluator(
           variables, max_images=config.train.eval_max_images,
-          progress=False)),
+          progress=False))) if validate else None,
       images_per_step=batch_size)
   state, summary = loop.train(job)
-  weights_lib.save_weights(
-      os.path.join(stage_dir, MODEL_FILE),
-      weights_lib.flatten_variables(jax.device_get(state.variables)))
+  if mesh_lib.is_primary():
+    weights_lib.save_weights(
+        os.path.join(stage_dir, MODEL_FILE),
+        weights_lib.flatten_variables(jax.device_get(state.variables)))
+  mesh_lib.barrier(f'model-{stage_dir}')
   summary['initialisation'] = init_record or {'init': 'resumed'}
   return summary
 
@@ -178,8 +220,9 @@ def _val_scalars(scores: dict[str, Any]) -> dict[str, float]:
 def load_trained(rt: Runtime, model_file: str, model=None):
   """(model, variables) of a finished training stage's `model.npz`."""
   model = model or build_segmenter(rt)
-  variables = jax.device_get(state_lib.init_variables(
-      model, jax.random.PRNGKey(0), (1, 8, 8, 3)))
+  crop = rt.config.input.crop_size
+  variables = jax.eval_shape(lambda: state_lib.init_variables(
+      model, jax.random.PRNGKey(0), (1, crop, crop, 3)))
   variables, _ = weights_lib.load_weights(variables, model_file)
   return model, variables
 
@@ -214,19 +257,7 @@ def evaluate_model(rt: Runtime, stage_dir: str, model, variables,
 
 
 def _single_scale(eval_config):
+  """`eval_config` with one scale, no flip and no CRF."""
   config = eval_config.copy_and_resolve_references()
-  config.crf = False
+  config.update(scales=(1.0,), flip=False, crf=False)
   return config
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if hasattr(value, 'tolist'):
-    return value.tolist()
-  if hasattr(value, '__dataclass_fields__'):
-    import dataclasses  # pylint: disable=g-import-not-at-top
-    return _jsonable(dataclasses.asdict(value))
-  return value

@@ -22,6 +22,10 @@ import os
 import time
 from typing import Any, Callable
 
+import jax
+
+from wsss_jax.atomic import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -75,19 +79,6 @@ def _read_marker(stage_dir: str) -> dict[str, Any] | None:
   return marker if marker.get('status') == 'done' else None
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(value):
-  if hasattr(value, 'tolist'):
-    return value.tolist()
-  return str(value)
-
-
 def is_complete(stage: Stage, stage_dir: str) -> bool:
   if _read_marker(stage_dir) is None:
     return False
@@ -121,8 +112,9 @@ def run_stages(stages: list[Stage], context: StageContext
       results = stage.run(context, stage_dir) or {}
       record = dict(name=stage.name, status='done',
                     wall_s=round(time.time() - start, 2), results=results)
-      write_json_atomic(os.path.join(stage_dir, MARKER),
-                        dict(record, description=stage.description))
+      if jax.process_index() == 0:
+        write_json_atomic(os.path.join(stage_dir, MARKER),
+                          dict(record, description=stage.description))
     context.results[stage.name] = record['results']
     records.append(record)
   return records

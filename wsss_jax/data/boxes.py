@@ -31,14 +31,31 @@ def box_coverage(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
   return in_rows[:, :, None] & in_cols[:, None, :]
 
 
-def paint_order(boxes: np.ndarray) -> np.ndarray:
-  """Indices that paint boxes largest first, so the smaller box ends on top.
+def paint_order_by_area(areas: np.ndarray) -> np.ndarray:
+  """Indices that paint regions largest first, so smaller ones end on top.
 
-  Ties keep annotation order (the later box is painted later and wins), the
-  rule of Box2Seg (Sect. 3.1: "assuming that the smaller box is in the front").
+  Ties keep annotation order (the later region is painted later and wins):
+  the rule of Box2Seg (Sect. 3.1: "assuming that the smaller box is in the
+  front"), used for boxes and for COCO instance masks alike.
   """
-  areas = box_areas(boxes)
+  areas = np.asarray(areas, np.float64).reshape(-1)
   return np.lexsort((np.arange(len(areas)), -areas))
+
+
+def paint_order(boxes: np.ndarray) -> np.ndarray:
+  """`paint_order_by_area` of edge boxes."""
+  return paint_order_by_area(box_areas(boxes))
+
+
+def pixel_ranges(boxes: np.ndarray) -> np.ndarray:
+  """(N, 4) int64 [first_col, first_row, last_col, last_row] of the pixels
+  whose centres lie inside each edge box (j covered iff x0 <= j + .5 < x1,
+  i.e. columns ceil(x0 - .5) .. ceil(x1 - .5) - 1; x0 .. x1 - 1 for integer
+  boxes).  Not clipped; last < first for a box with no pixel centre."""
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  first = np.ceil(boxes[:, :2] - 0.5)
+  last = np.ceil(boxes[:, 2:] - 0.5) - 1
+  return np.concatenate([first, last], axis=1).astype(np.int64)
 
 
 def fill_boxes(boxes: np.ndarray, labels: np.ndarray, height: int,
@@ -54,14 +71,11 @@ def fill_boxes(boxes: np.ndarray, labels: np.ndarray, height: int,
   keep = labels >= 1
   boxes, labels = boxes[keep], labels[keep]
   out = np.zeros((height, width), np.uint8)
-  if len(boxes) == 0:
-    return out
-  order = paint_order(boxes)
-  cover = box_coverage(boxes[order], height, width)       # (N, H, W)
-  # The last covering box in paint order wins: argmax over the reversed stack.
-  any_cover = cover.any(axis=0)
-  last = len(order) - 1 - np.argmax(cover[::-1], axis=0)
-  out[any_cover] = labels[order][last[any_cover]].astype(np.uint8)
+  ranges = pixel_ranges(boxes)
+  # One slice write per box, largest first: later writes win.
+  for index in paint_order(boxes):
+    c0, r0, c1, r1 = ranges[index]
+    out[max(r0, 0):max(r1 + 1, 0), max(c0, 0):max(c1 + 1, 0)] = labels[index]
   return out
 
 
@@ -84,11 +98,8 @@ def clip_boxes(boxes: np.ndarray, labels: np.ndarray, height: int,
 
 def _has_pixel_centre(boxes: np.ndarray) -> np.ndarray:
   """True where the edge box contains at least one pixel centre."""
-  first_col = np.ceil(boxes[:, 0] - 0.5)
-  last_col = np.ceil(boxes[:, 2] - 0.5) - 1
-  first_row = np.ceil(boxes[:, 1] - 0.5)
-  last_row = np.ceil(boxes[:, 3] - 0.5) - 1
-  return (last_col >= first_col) & (last_row >= first_row)
+  ranges = pixel_ranges(boxes)
+  return (ranges[:, 2] >= ranges[:, 0]) & (ranges[:, 3] >= ranges[:, 1])
 
 
 def boxes_from_label_map(label_map: np.ndarray,

@@ -12,12 +12,12 @@ never colours.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from wsss_jax.atomic import write_atomic
 from wsss_jax.data import schema
 
 _SUFFIX = '.png'
@@ -71,17 +71,7 @@ def write_label_png(path: str | os.PathLike, label_map: np.ndarray,
   if palette:
     # On an 'L' image, putpalette switches the mode to 'P' keeping the values.
     image.putpalette(schema.voc_palette().reshape(-1).tolist())
-  folder = os.path.dirname(os.path.abspath(path))
-  handle, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-',
-                                 suffix=os.path.basename(path))
-  try:
-    with os.fdopen(handle, 'wb') as f:
-      image.save(f, format='PNG')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_atomic(path, lambda f: image.save(f, format='PNG'))
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:

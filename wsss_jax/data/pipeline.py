@@ -12,6 +12,7 @@ are padded to the batch size so every step has one shape.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterator, Mapping
 
 import grain
@@ -50,8 +51,11 @@ class LabelJoinedSource:
 
   def __repr__(self) -> str:
     # grain compares repr(source) when restoring an iterator: keep it stable.
-    folders = ', '.join(f'{k}={f.root}' for k, f in sorted(
-        self._folders.items()))
+    # Only the folder's last two path components: the same run resumed
+    # through another spelling of its workdir must match.
+    folders = ', '.join(
+        f"{k}={os.path.join(*os.path.normpath(f.root).split(os.sep)[-2:])}"
+        for k, f in sorted(self._folders.items()))
     return f'LabelJoinedSource({self._source!r}, {folders})'
 
 
@@ -120,23 +124,59 @@ def eval_batches(source, transform: EvalTransform, batch_size: int,
                  worker_count: int = 0) -> Iterator[EvalBatch]:
   """This process's share of `source`, in order, in fixed-size batches.
 
-  The last batch is padded by repeating its final example (`count` says how
-  many are real), so the predict function compiles once.
+  Records are split into contiguous, nearly equal parts per process (no
+  record is dropped: grain's own sharding drops `n mod processes` of them),
+  and every process yields the same number of batches, so the sharded
+  predict call lines up across processes.  Short batches are padded by
+  repeating a real example; `count` says how many are real (0 for a batch
+  that is all padding).
   """
   per_process = batch_size // jax.process_count()
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=False),
-      shuffle=False, num_epochs=1, seed=0)
+  parts = np.array_split(np.arange(len(source)), jax.process_count())
+  mine = IndexSubset(source, parts[jax.process_index()])
+  num_batches = -(-max(len(p) for p in parts) // per_process)
   loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
+      data_source=mine,
+      sampler=grain.samplers.IndexSampler(
+          num_records=len(mine), shard_options=grain.sharding.NoSharding(),
+          shuffle=False, num_epochs=1, seed=0),
       operations=[transform,
                   grain.transforms.Batch(per_process, drop_remainder=False)],
-      worker_count=int(worker_count))
+      worker_count=int(worker_count)) if len(mine) else []
+  last = None
+  produced = 0
   for batch in loader:
     count = len(batch[schema.IMAGE_ID])
     if count < per_process:
       batch = {key: np.concatenate(
           [value, np.repeat(value[-1:], per_process - count, axis=0)])
                for key, value in batch.items()}
+    last = batch
+    produced += 1
     yield EvalBatch(batch, count)
+  while produced < num_batches:
+    if last is None:   # this process has no record: borrow the first one
+      last = transform.map(source[0])
+      last = {key: np.stack([np.asarray(value)] * per_process)
+              for key, value in last.items()}
+    produced += 1
+    yield EvalBatch(last, 0)
+
+
+class IndexSubset:
+  """The records of `source` at the given indices, in that order."""
+
+  def __init__(self, source, indices):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
+
+  def __repr__(self) -> str:
+    span = (f'{self._indices[0]}..{self._indices[-1]}' if len(self._indices)
+            else 'empty')
+    return f'IndexSubset({self._source!r}, {span})'

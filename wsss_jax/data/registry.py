@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from wsss_jax.atomic import write_json_atomic
 from wsss_jax.data import schema
+from wsss_jax.training import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +54,25 @@ class SplitIndex:
 
 
 class DecodedSource:
-  """Random-access source yielding decoded examples in the schema layout."""
+  """Random-access source yielding decoded examples in the schema layout.
 
-  def __init__(self, tfds_source):
+  With `decode_images=False` the JPEG/PNG image is not decoded and examples
+  carry no 'image' (for passes that only need masks, boxes and ids).
+  """
+
+  def __init__(self, tfds_source, decode_images: bool = True):
     self._source = tfds_source
+    self._decode_images = decode_images
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return to_schema(self._source[index])
+    record = self._source[index]
+    if not self._decode_images:
+      record = dict(record)
+      record.pop(schema.IMAGE)
+    return to_schema(record)
 
   def __repr__(self) -> str:
     return f'DecodedSource({self._source!r})'
@@ -75,8 +86,7 @@ def to_schema(record: dict[str, Any]) -> dict[str, Any]:
   mask = np.asarray(record[schema.MASK])
   if mask.ndim == 3:
     mask = mask[..., 0]
-  return {
-      schema.IMAGE: np.asarray(record[schema.IMAGE], np.uint8),
+  example = {
       schema.MASK: mask.astype(np.uint8),
       schema.BOXES: np.asarray(record[schema.BOXES], np.int32).reshape(-1, 4),
       schema.BOX_LABELS: np.asarray(record[schema.BOX_LABELS],
@@ -84,6 +94,9 @@ def to_schema(record: dict[str, Any]) -> dict[str, Any]:
       schema.IMAGE_LABELS: np.asarray(record[schema.IMAGE_LABELS], bool),
       schema.IMAGE_ID: str(image_id),
   }
+  if schema.IMAGE in record:
+    example[schema.IMAGE] = np.asarray(record[schema.IMAGE], np.uint8)
+  return example
 
 
 class Dataset:
@@ -118,9 +131,15 @@ class Dataset:
     if self.builder.info.splits[split].num_examples == 0:
       raise DatasetError(f'Split {split!r} of dataset {self.name!r} is empty.')
 
-  def source(self, split: str) -> DecodedSource:
+  def source(self, split: str, decode_images: bool = True) -> DecodedSource:
+    """The split's examples; `decode_images=False` skips image decoding."""
     self._check_split(split)
-    return DecodedSource(self.builder.as_data_source(split))
+    if decode_images:
+      return DecodedSource(self.builder.as_data_source(split))
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return DecodedSource(self.builder.as_data_source(
+        split, decoders={schema.IMAGE: tfds.decode.SkipDecoding()}),
+                         decode_images=False)
 
   @functools.lru_cache(maxsize=None)
   def index(self, split: str) -> SplitIndex:
@@ -132,10 +151,7 @@ class Dataset:
         data = json.load(f)
     else:
       data = self._build_index(split)
-      tmp = cache + '.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(data, f)
-      os.replace(tmp, cache)
+      write_json_atomic(cache, data)
     return SplitIndex(tuple(data['image_ids']),
                       np.asarray(data['heights'], np.int32),
                       np.asarray(data['widths'], np.int32))
@@ -171,6 +187,10 @@ def open_dataset(data_config, prepare: bool = True) -> Dataset:
   if not builder.is_prepared():
     if not prepare:
       raise DatasetError(f'Dataset {name!r} is not prepared in {data_dir}.')
-    log.info('Preparing dataset %r in %s', name, data_dir)
-    module.prepare(builder)
+    if mesh_lib.is_primary():       # one writer; the others wait below
+      log.info('Preparing dataset %r in %s', name, data_dir)
+      module.prepare(builder)
+    mesh_lib.barrier(f'prepare-{name}')
+    if not mesh_lib.is_primary():
+      builder = module.make_builder(data_config, data_dir)
   return Dataset(name, builder)

@@ -34,7 +34,7 @@ FUSIONS = ('mean_probs', 'mean_logits', 'max_logits')
 def make_predictor(model, normalization: str, *, scales=(1.0,),
                    flip: bool = False, fusion: str = 'mean_probs',
                    align_corners: bool = False, compute_dtype=jnp.float32,
-                   output: str = 'labels') -> Callable:
+                   output: str = 'labels', mesh=None) -> Callable:
   """Jitted `predict(variables, images_uint8 (B, S, S, 3))`.
 
   For every scale s (and its horizontal flip) the normalised batch is resized
@@ -45,7 +45,8 @@ def make_predictor(model, normalization: str, *, scales=(1.0,),
   takes the element-wise maximum (LPG's multi-scale fusion).
 
   Returns float32 probabilities (B, S, S, C) when `output='probs'`, else the
-  uint8 argmax labels (B, S, S) (smaller device-to-host transfer).
+  uint8 argmax labels (B, S, S) (smaller device-to-host transfer); with a
+  `mesh` the output stays sharded over its 'data' axis like the input.
   """
   if fusion not in FUSIONS:
     raise ValueError(f'eval.fusion={fusion!r}; expected one of {FUSIONS}.')
@@ -82,7 +83,9 @@ def make_predictor(model, normalization: str, *, scales=(1.0,),
       return probs
     return jnp.argmax(probs, axis=-1).astype(jnp.uint8)
 
-  return jax.jit(predict)
+  if mesh is None:
+    return jax.jit(predict)
+  return jax.jit(predict, out_shardings=mesh_lib.data_sharded(mesh))
 
 
 def bucket_size_for(eval_config, index) -> int:
@@ -105,12 +108,6 @@ def _local(array) -> np.ndarray:
     return np.asarray(array)
   shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start)
   return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def _crf_labels(item, params: crf_lib.CrfParams) -> np.ndarray:
-  image, probs = item
-  marginals = crf_lib.dense_crf(image, np.transpose(probs, (2, 0, 1)), params)
-  return marginals.argmax(axis=0).astype(np.uint8)
 
 
 class Evaluator:
@@ -149,7 +146,7 @@ class Evaluator:
         flip=bool(eval_config.flip), fusion=eval_config.fusion,
         align_corners=bool(eval_config.align_corners),
         compute_dtype=compute_dtype,
-        output='probs' if self.crf_params else 'labels')
+        output='probs' if self.crf_params else 'labels', mesh=mesh)
 
   def describe(self) -> dict[str, Any]:
     return {'split': self.split, 'bucket_size': self.bucket,
@@ -160,6 +157,9 @@ class Evaluator:
                out_dir: str | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Returns `metrics.scores` (+ 'num_images') over the (sub)split."""
+    # Replicate once: host or single-device weights would otherwise be
+    # copied to every device on every batch.
+    variables = jax.device_put(variables, mesh_lib.replicated(self.mesh))
     source = self.dataset.source(self.split)
     if max_images:
       source = pipeline.Subset(source, max_images)
@@ -168,7 +168,8 @@ class Evaluator:
     pending = collections.deque()   # (image_id, gt) awaiting their labels
     if out_dir:
       os.makedirs(out_dir, exist_ok=True)
-    host_fn = (functools.partial(_crf_labels, params=self.crf_params)
+    host_fn = (functools.partial(crf_lib.crf_item, params=self.crf_params,
+                                 argmax=True)
                if self.crf_params else (lambda item: item))
     workers = int(self.config.crf_workers) if self.crf_params else 0
     num_images = 0
@@ -225,7 +226,8 @@ class Evaluator:
       pending.append((str(data[schema.IMAGE_ID][i]), gt))
       if self.crf_params:
         item = (np.ascontiguousarray(data[schema.IMAGE][i, :height, :width]),
-                outputs[i, :height, :width])
+                np.ascontiguousarray(
+                    np.moveaxis(outputs[i, :height, :width], -1, 0)))
       else:
         item = outputs[i, :height, :width]
       yield from pool.submit(item)

@@ -6,8 +6,8 @@ refinement (BANA Y_crf, PMM, RRM, Box2Seg (C)): unary = -log(clip(p, 1e-5, 1))
 a bilateral (appearance) kernel with Potts compatibility, diagonal kernels
 and symmetric normalisation, `iterations` mean-field steps.
 
-`pydensecrf` (PyPI package `pydensecrf2`) is imported lazily, inside the
-functions, so the rest of the library works without it.
+`pydensecrf` (PyPI package `pydensecrf2`, built from source at install time)
+is imported inside the functions, so importing this module stays cheap.
 
 Backends: `get_backend(name)` returns a `CrfBackend` (a name plus
 `__call__(image, probs, params)`).  Only 'pydensecrf' exists; a later
@@ -32,8 +32,8 @@ _PROB_FLOOR = 1e-5
 class CrfParams:
   """DenseCRF parameters, in pydensecrf's names.
 
-  Defaults are those of `wsss_jax.defaults.evaluation().crf_params` (the
-  DeepLab-v2 bilateral setting: w=4, sxy=67, srgb=3; Gaussian w=3, sxy=3).
+  Defaults are those of `wsss_jax.defaults.evaluation().crf_params`, the
+  DeepLab-v2 setting (bilateral w=4, sxy=67, srgb=3; Gaussian w=3, sxy=1).
 
   Attributes:
     iterations: mean-field iterations (>= 1).
@@ -44,7 +44,7 @@ class CrfParams:
     bilateral_compat: weight of the bilateral kernel (>= 0).
   """
   iterations: int = 10
-  gauss_sxy: float = 3.0
+  gauss_sxy: float = 1.0
   gauss_compat: float = 3.0
   bilateral_sxy: float = 67.0
   bilateral_srgb: float = 3.0
@@ -185,11 +185,13 @@ def get_backend(name: str = 'pydensecrf') -> CrfBackend:
   return _BACKENDS[name]
 
 
-def _crf_item(item: tuple[np.ndarray, np.ndarray], params: CrfParams,
-              argmax: bool) -> np.ndarray:
-  """Worker body of `dense_crf_batch` (module level so that it pickles)."""
+def crf_item(item: tuple[np.ndarray, np.ndarray], params: CrfParams,
+             argmax: bool, backend: str = 'pydensecrf') -> np.ndarray:
+  """One (image, probs (C, H, W)) pair through the CRF backend: marginals,
+  or uint8 labels with `argmax` (module level, so process pools can pickle
+  it; used by `dense_crf_batch` and the evaluator)."""
   image, probs = item
-  marginals = dense_crf(image, probs, params)
+  marginals = get_backend(backend)(image, probs, params)
   if argmax:
     return marginals.argmax(axis=0).astype(np.uint8)
   return marginals
@@ -221,7 +223,7 @@ def dense_crf_batch(images: Iterable[np.ndarray],
   """
   sentinel = object()
   pairs = _strict_zip(images, probs_list, sentinel)
-  fn = functools.partial(_crf_item, params=params, argmax=argmax)
+  fn = functools.partial(crf_item, params=params, argmax=argmax)
   total = len(images) if hasattr(images, '__len__') else None
   yield from pool.pool_map(fn, pairs, workers, max_in_flight=max_in_flight,
                            desc='dense_crf', total=total, progress=progress)

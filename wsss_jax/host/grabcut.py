@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -51,16 +51,12 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 
 def _pixel_rect(box: np.ndarray, height: int,
                 width: int) -> tuple[int, int, int, int]:
-  """(x, y, w, h) of the pixels whose centres lie in an edge box, clipped.
-
-  Columns j with x0 <= j + 0.5 < x1 are ceil(x0 - 0.5) .. ceil(x1 - 0.5) - 1
-  (for integer boxes: x0 .. x1 - 1).  w or h may be <= 0 for empty boxes.
-  """
-  x0, y0, x1, y1 = (float(v) for v in box)
-  first_col = max(int(np.ceil(x0 - 0.5)), 0)
-  last_col = min(int(np.ceil(x1 - 0.5)) - 1, width - 1)
-  first_row = max(int(np.ceil(y0 - 0.5)), 0)
-  last_row = min(int(np.ceil(y1 - 0.5)) - 1, height - 1)
+  """(x, y, w, h) of the pixels whose centres lie in an edge box
+  (`boxes.pixel_ranges`), clipped; w or h may be <= 0 for empty boxes."""
+  first_col, first_row, last_col, last_row = box_lib.pixel_ranges(box)[0]
+  first_col, first_row = max(int(first_col), 0), max(int(first_row), 0)
+  last_col, last_row = min(int(last_col), width - 1), min(int(last_row),
+                                                          height - 1)
   return (first_col, first_row, last_col - first_col + 1,
           last_row - first_row + 1)
 
@@ -206,7 +202,9 @@ def generate_label_folder(source: Iterable[Mapping[str, Any]],
                           folder: LabelFolder, fn: LabelFn, workers: int = 0,
                           *, max_in_flight: int | None = None,
                           progress: bool = True,
-                          desc: str = 'labels') -> dict[str, int]:
+                          desc: str = 'labels',
+                          image_ids: Sequence[str] | None = None
+                          ) -> dict[str, int]:
   """Writes `fn(example)` for every example into `folder`, resumably.
 
   Examples whose `<image_id>.png` already exists are skipped (files are
@@ -218,6 +216,9 @@ def generate_label_folder(source: Iterable[Mapping[str, Any]],
     source: decoded examples in the schema layout (at least 'image' and
       'image_id', plus whatever `fn` reads), e.g. `Dataset.source(split)`.
     folder: destination `LabelFolder`.
+    image_ids: the ids of `source` in order (e.g. `Dataset.index(split)
+      .image_ids`); when given, existing files are skipped without
+      decoding their examples.
     fn: a picklable label function `fn(example) -> label_map` or
       `-> (label_map, stats)`, label_map uint8 (H, W) of the image's size and
       stats {name: count}; e.g. `box_fill_example` or
@@ -241,6 +242,15 @@ def generate_label_folder(source: Iterable[Mapping[str, Any]],
   counts = {'total': 0, 'skipped_existing': 0}
 
   def items():
+    if image_ids is not None:
+      # Ids known up front: existing files are skipped without decoding.
+      for i, image_id in enumerate(image_ids):
+        counts['total'] += 1
+        if image_id in existing:
+          counts['skipped_existing'] += 1
+          continue
+        yield source[i]
+      return
     if hasattr(source, '__len__') and hasattr(source, '__getitem__'):
       examples = (source[i] for i in range(len(source)))
     else:

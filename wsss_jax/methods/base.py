@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 from wsss_jax.stages import Stage
 
@@ -18,9 +19,16 @@ class MethodPipeline:
     pseudo_stage: the stage whose results hold the 'quality' of the
       pseudo-masks the final network trained on (None: no pseudo-masks).
     pseudo_folder: that label folder, relative to the workdir.
+    extra_results: optional `(results by stage name) -> dict`, stored under
+      results.json[method] (method-specific numbers).
+    report_section: optional `(workdir) -> list of markdown lines` appended
+      to report.md (method-specific figures); may write images under
+      `<workdir>/report/`.
   """
   stages: list[Stage]
   eval_stage: str
   train_stages: tuple[str, ...]
   pseudo_stage: str | None = None
   pseudo_folder: str | None = None
+  extra_results: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+  report_section: Callable[[str], list[str]] | None = None

@@ -157,7 +157,8 @@ def channel_dropout(rate: float, train: bool,
 class FrozenBatchNorm(nn.Module):
   """Batch normalisation with fixed statistics and affine parameters.
 
-  y = (x - mean) * scale / sqrt(var + eps) + bias, eps = 1e-5.  All four
+  y = (x - mean) * scale / sqrt(var + eps) + bias, eps = 1e-5 (the inference
+  transform of Ioffe & Szegedy, ICML 2015, Algorithm 2).  All four
   vectors live in the `batch_stats` collection, never in `params`, so a
   frozen network has nothing in its BN layers for the optimiser to update and
   needs no optimiser mask.  Running in training mode changes nothing.

@@ -28,7 +28,7 @@ def assemble_outputs(backbone_out: dict, head_out: dict) -> dict:
   """The model output dict from a backbone's and a head's outputs.
 
   'logits' and 'features' are cast to float32 (losses and cosine classifiers
-  need the precision); 'levels' (ResNet only) stay in the computation dtype
+  need the precision); 'levels' (pyramid features) stay in the computation dtype
   because decoders consume them as conv inputs.  'features' is the head's own
   representation when it has one (BANA's ASPP), else the backbone's.
   """
@@ -62,7 +62,7 @@ class Segmenter(nn.Module):
 
     Returns:
       {'logits': (B, h, w, K) float32, 'features': (B, h, w, D) float32,
-      'levels': {'c2', 'c3', 'c4', 'c5'} (ResNet only)}, h = H / output
+      'levels': {'c3'..'c5'} (VGG) or {'c2'..'c5'} (ResNet)}, h = H / output
       stride rounded up.
     """
     check_images(images)

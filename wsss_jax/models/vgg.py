@@ -60,9 +60,12 @@ class VGG16LargeFOV(nn.Module):
 
     Returns:
       {'features': (B, h, w, fc_dim) fc7 activation after dropout, in
-      `dtype`}, h = ceil(ceil(ceil(H / 2) / 2) / 2).
+      `dtype`, h = ceil(ceil(ceil(H / 2) / 2) / 2); 'levels': {'c3': conv3_3
+      (stride 4), 'c4': conv4_3 (stride 8), 'c5': the fc7 features} for
+      pyramid decoders}.
     """
     x = x.astype(self.dtype)
+    levels = {}
     for block, (base, repeats) in enumerate(VGG16_BLOCKS, start=1):
       dilation = 2 if block == 5 else 1
       for index in range(1, repeats + 1):
@@ -74,6 +77,8 @@ class VGG16LargeFOV(nn.Module):
           x = layers.batch_norm(False, train, self.dtype,
                                 name=f'conv{block}_{index}_bn')(x)
         x = nn.relu(x)
+      if block in (3, 4):
+        levels[f'c{block}'] = x
       x = layers.max_pool2d(x, 3, stride=2 if block <= 3 else 1, padding=1)
     x = layers.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True)
     x = layers.conv2d(self.fc_dim, 3, padding=self.fc6_dilation,
@@ -82,4 +87,5 @@ class VGG16LargeFOV(nn.Module):
     x = layers.channel_dropout(self.dropout, train)(nn.relu(x))
     x = layers.conv2d(self.fc_dim, 1, dtype=self.dtype, name='fc7')(x)
     x = layers.channel_dropout(self.dropout, train)(nn.relu(x))
-    return {'features': x}
+    levels['c5'] = x
+    return {'features': x, 'levels': levels}

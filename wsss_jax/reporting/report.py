@@ -175,6 +175,8 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
       rows = _example_rows(rt, workdir, pipeline, predictions_root, split,
                            count, out_dir)
       lines += [f'### {split}', ''] + _image_table(rows) + ['']
+  if pipeline.report_section is not None:
+    lines += [''] + pipeline.report_section(workdir)
   path = os.path.join(workdir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')

@@ -50,11 +50,12 @@ def assemble(rt: Runtime, pipeline: MethodPipeline,
   if val is not None:
     val['split'] = rt.val_split
     val['protocol'] = evaluation.get('protocol')
-  initialisation = None
-  for name in pipeline.train_stages:
-    initialisation = by_name.get(name, {}).get('initialisation',
-                                               initialisation)
-  return {
+  # The backbone's initialisation is that of the first training stage (later
+  # stages start from earlier ones; their records say so under 'training').
+  initialisation = next(
+      (by_name[name]['initialisation'] for name in pipeline.train_stages
+       if 'initialisation' in by_name.get(name, {})), None)
+  results = {
       'config': {'name': config.name, 'variant': config.variant},
       'method': config.method,
       'dataset': {
@@ -82,3 +83,6 @@ def assemble(rt: Runtime, pipeline: MethodPipeline,
       'process_count': jax.process_count(),
       'full_config': config_checks.config_as_dict(config),
   }
+  if pipeline.extra_results is not None:
+    results[config.method] = pipeline.extra_results(by_name)
+  return results

@@ -44,7 +44,10 @@ class TrainingJob:
   Attributes:
     name: stage name (logs, TensorBoard tags).
     stage_dir: folder for checkpoints, TensorBoard events and history.
-    init_state: () -> fresh TrainState (pretrained or random), replicated.
+    abstract_state: () -> the state's ShapeDtypeStructs with shardings (what
+      a restore needs; no compute).
+    init_state: () -> fresh TrainState (pretrained or random), replicated;
+      called only when no checkpoint exists.
     make_data_iter: () -> a checkpointable grain iterator of host batches.
     train_step: jitted (state, device_batch) -> (state, metrics).
     mesh: device mesh for the batches.
@@ -55,6 +58,7 @@ class TrainingJob:
   """
   name: str
   stage_dir: str
+  abstract_state: Callable[[], Any]
   init_state: Callable[[], Any]
   make_data_iter: Callable[[], Iterator[dict[str, Any]]]
   train_step: Callable
@@ -94,15 +98,19 @@ def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
   """Runs (or resumes) a training stage; returns (final state, summary)."""
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(job.stage_dir, 'checkpoints'), keep=job.keep_checkpoints)
-  data_iter = job.make_data_iter()
-  state = job.init_state()
-  restored = checkpointer.restore_latest(state_lib.abstract_state(state),
-                                         data_iter)
-  meta: dict[str, Any] = {}
-  if restored is not None:
-    state, meta, restored_step = restored
-    log.info('[%s] resumed from checkpoint step %d', job.name,
-                 restored_step)
+  try:
+    data_iter = job.make_data_iter()
+    restored = checkpointer.restore_latest(job.abstract_state(), data_iter)
+    meta: dict[str, Any] = {}
+    if restored is not None:
+      state, meta, restored_step = restored
+      log.info('[%s] resumed from checkpoint step %d', job.name,
+               restored_step)
+    else:
+      state = job.init_state()
+  except BaseException:
+    checkpointer.close()
+    raise
   history = history_lib.History(job.stage_dir, job.name, meta.get('history'))
   start_step = int(jax.device_get(state.step))
   pending: list[tuple[int, dict[str, Any]]] = []

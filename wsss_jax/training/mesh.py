@@ -36,6 +36,18 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
+def is_primary() -> bool:
+  """True on the process that writes shared files (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
   """A 1-D ('data',) mesh over the first `num_devices` devices (0 = all)."""
   devices = jax.devices()

@@ -55,8 +55,9 @@ def weight_decay_mask(params: Any) -> Any:
 def make_schedule(optim_config, num_steps: int) -> Callable[[Any], Any]:
   """Learning-rate schedule evaluated at the 0-based step count.
 
-  'poly': lr·(1 − t/T)^p, identical to a PyTorch LambdaLR stepped after each
-  optimiser step (jax_conventions.md §3.2).  'step': ×0.1 at each boundary
+  'poly': lr·(1 − t/T)^p, the DeepLab "poly" policy (Chen et al., TPAMI
+  2018, Sect. 4.1, after ParseNet), identical to a PyTorch LambdaLR stepped
+  after each optimiser step (jax_conventions.md §3.2).  'step': ×0.1 at each boundary
   given as a fraction of `num_steps` (BANA stage 1).  'constant'.
   """
   lr = float(optim_config.lr)
@@ -75,12 +76,15 @@ def make_schedule(optim_config, num_steps: int) -> Callable[[Any], Any]:
                    "'constant'.")
 
 
-def make_optimizer(optim_config, params: Any,
-                   num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_config, params: Any, num_steps: int,
+                   frozen_modules: tuple[str, ...] = ()
+                   ) -> optax.GradientTransformation:
   """The optimiser of `config.optim` for a parameter tree shaped like `params`.
 
   `params` may be abstract (shapes only); only its tree structure and leaf
-  names are used.
+  names are used.  Top-level modules in `frozen_modules` get no update at
+  all (neither gradient nor weight decay), e.g. branches that a training
+  phase does not use.
   """
   schedule = make_schedule(optim_config, num_steps)
   mults = optim_config.lr_mult
@@ -101,4 +105,9 @@ def make_optimizer(optim_config, params: Any,
   else:
     raise ValueError(f"optim.name={optim_config.name!r}; expected 'sgd' or "
                      "'adam'.")
-  return optax.chain(decay, core, group_scale)
+  chain = [decay, core, group_scale]
+  if frozen_modules:
+    frozen = jax.tree_util.tree_map_with_path(
+        lambda path, _: _top_name(path) in frozen_modules, params)
+    chain.append(optax.masked(optax.set_to_zero(), frozen))
+  return optax.chain(*chain)

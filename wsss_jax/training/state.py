@@ -44,10 +44,39 @@ def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]
           'batch_stats': variables.get('batch_stats', {})}
 
 
+def _state_fn(model, make_tx, image_shape):
+  def init_fn(init_rng, train_rng, variables):
+    if variables is None:
+      variables = init_variables(model, init_rng, image_shape)
+    tx = make_tx(variables['params'])
+    return TrainState(step=jnp.zeros((), jnp.int32),
+                      params=variables['params'],
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=tx.init(variables['params']),
+                      rng=train_rng, tx=tx)
+  return init_fn
+
+
+def abstract_train_state(model, make_tx, rng: jax.Array,
+                         image_shape: tuple[int, ...], mesh) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the state; no compute.
+
+  What a checkpoint restore needs: a resumed run never initialises or
+  loads pretrained weights only to throw them away.
+  """
+  init_rng, train_rng = jax.random.split(rng)
+  abstract = jax.eval_shape(_state_fn(model, make_tx, image_shape), init_rng,
+                            train_rng, None)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=mesh_lib.replicated(mesh)),
+      abstract)
+
+
 def create_train_state(model, make_tx, rng: jax.Array,
                        image_shape: tuple[int, ...], mesh,
                        variables: dict[str, Any] | None = None) -> TrainState:
-  """A replicated TrainState.
+  """A replicated TrainState, created directly with its sharding.
 
   Args:
     model: the Flax module.
@@ -59,17 +88,7 @@ def create_train_state(model, make_tx, rng: jax.Array,
       a fresh init); when given, they replace the random init.
   """
   init_rng, train_rng = jax.random.split(rng)
-
-  def init_fn(init_rng, train_rng, variables):
-    if variables is None:
-      variables = init_variables(model, init_rng, image_shape)
-    tx = make_tx(variables['params'])
-    return TrainState(step=jnp.zeros((), jnp.int32),
-                      params=variables['params'],
-                      batch_stats=variables.get('batch_stats', {}),
-                      opt_state=tx.init(variables['params']),
-                      rng=train_rng, tx=tx)
-
+  init_fn = _state_fn(model, make_tx, image_shape)
   abstract = jax.eval_shape(init_fn, init_rng, train_rng, variables)
   sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract)
   return jax.jit(init_fn, out_shardings=sharding)(init_rng, train_rng,

@@ -38,8 +38,7 @@ def make_train_step(model, loss_fn: LossFn, normalization: str, mesh,
   """Returns jitted `train_step(state, batch) -> (state, metrics)`.
 
   The state buffer is donated; metrics are replicated scalars (loss, the
-  loss function's own terms, the gradient norm and the learning-rate-free
-  update norm).
+  loss function's own terms and the global gradient norm).
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):

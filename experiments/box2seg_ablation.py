@@ -1,0 +1,111 @@
+"""Box2Seg Table 3 on the embedded benchmark: every variant, same seed/budget.
+
+  python experiments/box2seg_ablation.py [--variants=box,grabcut,...]
+      [--seeds=0] [--override=box2seg.fill_rate_reduction=mean ...]
+
+Runs `configs/box2seg.py:<variant>` for each variant and seed (each in its own
+workdir under experiments/out/box2seg/), then writes a markdown table of val
+mIoU (experiments/out/box2seg_ablation.md) and the JSON rows.  The label
+stages (box fills B, GrabCut M) are identical for every variant, so they are
+computed by the first run and copied into the others' workdirs (their stage
+markers make the copies count as complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+
+from absl import app, flags
+import ml_collections
+
+from wsss_jax import run
+
+_VARIANTS = flags.DEFINE_list(
+    'variants', ['box', 'grabcut', 'affinity', 'aw_box', 'aw_fr', 'box2seg'],
+    'Table 3 rows to run.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Training seeds.')
+_OVERRIDES = flags.DEFINE_multi_string(
+    'override', [], 'field=value config overrides (e.g. '
+    'box2seg.fill_rate_reduction=mean), applied to every run.')
+_TAG = flags.DEFINE_string('tag', '', 'Suffix of the output folder.')
+_OUT = flags.DEFINE_string('out', 'experiments/out', 'Output root.')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_STAGES = ('box_labels', 'grabcut')
+PAPER = {'box': 59.3, 'grabcut': 72.7, 'affinity': 73.9, 'aw_box': 74.1,
+         'aw_fr': 74.6, 'box2seg': 74.9}
+
+
+def load_config(variant: str):
+  return run.load_config_file(
+      os.path.join(REPO, 'configs', 'box2seg.py'), variant)
+
+
+def apply_override(config, override: str) -> None:
+  path, value = override.split('=', 1)
+  *parents, leaf = path.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  current = node[leaf]
+  node[leaf] = type(current)(value) if not isinstance(
+      current, (tuple, list, ml_collections.ConfigDict)) else json.loads(value)
+
+
+def main(argv):
+  del argv
+  run.configure_logging()
+  root = os.path.join(_OUT.value, 'box2seg' + (f'-{_TAG.value}'
+                                               if _TAG.value else ''))
+  rows, donor = [], None
+  for seed in (int(s) for s in _SEEDS.value):
+    for variant in _VARIANTS.value:
+      config = load_config(variant)
+      config.seed = seed
+      for override in _OVERRIDES.value:
+        apply_override(config, override)
+      workdir = os.path.join(root, f'{variant}-seed{seed}')
+      if donor is not None:
+        for stage in SHARED_STAGES:
+          source, target = (os.path.join(donor, stage),
+                            os.path.join(workdir, stage))
+          if os.path.isdir(source) and not os.path.exists(target):
+            shutil.copytree(source, target)
+      results = run.train_and_evaluate(config, workdir)
+      donor = donor or workdir
+      training = results['training'].get('train', {})
+      rows.append({'variant': variant, 'seed': seed,
+                   'val_miou': results['val']['miou'],
+                   'per_class_iou': results['val']['per_class_iou'],
+                   'box_miou': results['box2seg'].get('box_miou'),
+                   'grabcut_miou': results['box2seg'].get('grabcut_miou'),
+                   'wall_s': results['wall_s'],
+                   'train_images_per_second':
+                       training.get('images_per_second')})
+      print(json.dumps(rows[-1]), flush=True)
+  lines = ['| variant | paper (VOC val) | ' + ' | '.join(
+      f'seed {s}' for s in _SEEDS.value) + ' | mean |',
+           '| --- | --- | ' + ' | '.join('---' for _ in _SEEDS.value)
+           + ' | --- |']
+  for variant in _VARIANTS.value:
+    values = [r['val_miou'] for r in rows if r['variant'] == variant]
+    lines.append(f'| {variant} | {PAPER.get(variant, "–")} | ' + ' | '.join(
+        f'{v:.1f}' for v in values) + f' | {statistics.mean(values):.1f} |')
+  first = rows[0]
+  lines.append('')
+  lines.append(f"Pseudo-masks on train: B (box fills) {first['box_miou']:.1f},"
+               f" M (GrabCut) {first['grabcut_miou']:.1f} mIoU.")
+  table = '\n'.join(lines)
+  print(table)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, 'ablation.md'), 'w') as f:
+    f.write(table + '\n')
+  with open(os.path.join(root, 'ablation.json'), 'w') as f:
+    json.dump({'rows': rows, 'overrides': _OVERRIDES.value}, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,403 @@
+"""Box2Seg (Kulharia et al., ECCV 2020) as a pipeline of stages.
+
+    box_labels  B filled into PNGs (only to report its quality; training
+                rasterises the augmented boxes on the output grid)
+    grabcut     M: one GrabCut per box, smaller box on top, cached as PNGs
+    pretrain    phase 1 (Sect. 4.1): embeddings trained with L_A using M in
+                place of y; the y and α branches are frozen
+    train       phase 2: Eq. (11) end to end, from the phase-1 weights
+    evaluate    y branch only, full image (+ optional multi-scale/flip/CRF)
+    finetune    (`semi` variant, Table 5) CE on a fraction of pixel-labelled
+                images + Eq. (11) on the rest, from the phase-2 weights
+
+The official code was never released: every choice the paper leaves open is a
+field of `config.box2seg` (see configs/box2seg.py and docs/box2seg.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsss_jax import losses, segmentation
+from wsss_jax.data import schema
+from wsss_jax.data.label_png import LabelFolder
+from wsss_jax.host import grabcut
+from wsss_jax.methods import box2seg_losses as L
+from wsss_jax.methods import box2seg_model
+from wsss_jax.methods.base import MethodPipeline
+from wsss_jax.runtime import Runtime
+from wsss_jax.stages import Stage
+from wsss_jax.training.step import LossContext
+
+GRABCUT_KEY = 'grabcut'
+SEMI_KEY = 'semi_mask'
+
+
+# ----------------------------------------------------------------------------
+# Targets on the output grid
+# ----------------------------------------------------------------------------
+def box_labels_on_grid(boxes: jax.Array, box_labels: jax.Array,
+                       grid: tuple[int, int], image_size: tuple[int, int]
+                       ) -> jax.Array:
+  """The box tensor B in index form on the output grid, (B, h, w) int32.
+
+  Box2Seg Sect. 3.1 (smaller box in front) with the rasterisation of
+  reference/box2seg.md §7 item 13: a cell belongs to a box when its centre
+  ((u + ½)·stride in input coordinates) is inside the half-open box; a box
+  containing no centre gets the cell holding its own centre; boxes are
+  painted in decreasing area, ties in annotation order (later on top).
+
+  Args:
+    boxes: (B, N, 4) float edge boxes in input pixels; box_labels (B, N),
+      −1 on padded rows.
+    grid: (h, w) output cells; image_size: (H, W) input pixels.
+  """
+  (h, w), (height, width) = grid, image_size
+  cy = (jnp.arange(h) + 0.5) * (height / h)
+  cx = (jnp.arange(w) + 0.5) * (width / w)
+  x0, y0, x1, y1 = (boxes[..., k] for k in range(4))
+  real = box_labels >= 1
+  in_y = (cy >= y0[..., None]) & (cy < y1[..., None])            # (B, N, h)
+  in_x = (cx >= x0[..., None]) & (cx < x1[..., None])            # (B, N, w)
+  cover = in_y[..., :, None] & in_x[..., None, :]                # (B, N, h, w)
+  own_row = jnp.clip(jnp.floor((y0 + y1) / 2 * h / height), 0, h - 1)
+  own_col = jnp.clip(jnp.floor((x0 + x1) / 2 * w / width), 0, w - 1)
+  own = ((jnp.arange(h)[:, None] == own_row[..., None, None])
+         & (jnp.arange(w)[None, :] == own_col[..., None, None]))
+  empty = ~jnp.any(cover, axis=(-2, -1))
+  cover = (cover | (own & empty[..., None, None])) & real[..., None, None]
+  area = jnp.where(real, (x1 - x0) * (y1 - y0), -1.0)
+  count = boxes.shape[1]
+  order = jnp.lexsort((jnp.broadcast_to(jnp.arange(count), area.shape),
+                       -area), axis=-1)
+  rank = jnp.zeros_like(order).at[
+      jnp.arange(order.shape[0])[:, None], order].set(
+          jnp.broadcast_to(jnp.arange(count), order.shape))
+  priority = jnp.where(cover, rank[..., None, None] + 1, 0)      # 0: none
+  winner = jnp.argmax(priority, axis=1)                          # (B, h, w)
+  label = jnp.take_along_axis(box_labels, winner.reshape(winner.shape[0], -1),
+                              axis=1).reshape(winner.shape)
+  return jnp.where(jnp.max(priority, axis=1) > 0, label, 0)
+
+
+def grid_targets(outputs: dict, batch: dict, num_classes: int,
+                 mask_key: str = GRABCUT_KEY) -> dict[str, jax.Array]:
+  """B, M and validity at the logits' resolution (centre-sampling nearest).
+
+  Returns {'valid' (B,h,w) bool, 'box' and 'mask' one-hot (B,h,w,C),
+  'mask_labels' (B,h,w) int32 (255 = ignore)}; `mask_key` selects the
+  batch's label map used as M (GrabCut; the ground truth for supervised_awl).
+  """
+  h, w = outputs['logits'].shape[1:3]
+  height, width = batch[schema.IMAGE].shape[1:3]
+  valid = losses.resize_labels_nearest(batch[schema.VALID], h, w)
+  mask_labels = losses.resize_labels_nearest(batch[mask_key], h,
+                                             w).astype(jnp.int32)
+  valid_mask = valid & (mask_labels != schema.IGNORE_LABEL)
+  box = box_labels_on_grid(batch[schema.BOXES], batch[schema.BOX_LABELS],
+                           (h, w), (height, width))
+  return {'valid': valid,
+          'box': jax.nn.one_hot(box, num_classes) * valid[..., None],
+          'mask': jax.nn.one_hot(jnp.where(valid_mask, mask_labels, 0),
+                                 num_classes) * valid_mask[..., None],
+          'mask_labels': jnp.where(valid_mask, mask_labels,
+                                   schema.IGNORE_LABEL),
+          'valid_mask': valid_mask}
+
+
+def num_affinity_samples(cfg, grid_cells: int) -> int:
+  """n_s = ceil(√f · m): about a fraction f of the m² pixel pairs (§7 item 4)."""
+  return max(2, int(np.ceil(np.sqrt(cfg.affinity_pair_fraction) * grid_cells)))
+
+
+def _sampled_affinity(outputs, targets, pair_targets, cfg, rng) -> jax.Array:
+  """L_A (Eq. 10) on class-balanced samples of the valid M cells."""
+  batch, h, w, _ = outputs['embeddings'].shape
+  labels = targets['mask_labels'].reshape(batch, -1)
+  index, picked = L.class_balanced_sample(
+      labels, targets['valid_mask'].reshape(batch, -1), rng,
+      num_affinity_samples(cfg, h * w))
+  gather = lambda x: jnp.take_along_axis(
+      x.reshape(batch, h * w, x.shape[-1]), index[..., None], axis=1)
+  return L.affinity_loss(gather(outputs['embeddings']), gather(pair_targets),
+                         picked, cfg.affinity_reduction)
+
+
+# ----------------------------------------------------------------------------
+# Loss functions of the two phases
+# ----------------------------------------------------------------------------
+def pretrain_loss(cfg, num_classes: int):
+  """Phase 1 (Sect. 4.1): Eq. (10) with M_i in place of y_i."""
+  def loss_fn(outputs, batch, context: LossContext):
+    targets = grid_targets(outputs, batch, num_classes)
+    loss = _sampled_affinity(outputs, targets, targets['mask'], cfg,
+                             context.rng)
+    return loss, {'affinity': loss}
+  return loss_fn
+
+
+def aw_ramp(step: jax.Array, warmup_steps: int) -> jax.Array:
+  """λ_AW's factor at `step`: linear from 0 to 1 over `warmup_steps` (1 with
+  no warm-up).  Not in the paper: from a randomly initialised y branch the
+  early cross-entropy makes λ_AW·L_fg push every α to 0 within a few steps
+  (docs/box2seg.md, "Attention collapse")."""
+  if not warmup_steps:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(1.0, step.astype(jnp.float32) / float(warmup_steps))
+
+
+def train_loss(cfg, num_classes: int, mask_key: str = GRABCUT_KEY,
+               semi_key: str | None = None):
+  """Phase 2: Eq. (11) with the terms weighted by `config.box2seg.weights`.
+
+  weights.box (Eq. 1), .grabcut (Eq. 2), .aw (λ_AW, Eq. 5), .alpha (λ_α, with
+  `alpha_regularizer` 'fill_rate' or 'bbox'), .affinity (λ_A, Eq. 10) and
+  .supervised (CE on `semi_key` ground truth: Tables 4–5).  With `semi_key`,
+  images that carry pixel labels get the supervised CE only and the others
+  the weak terms.
+  """
+  weights = cfg.weights
+
+  def loss_fn(outputs, batch, context: LossContext):
+    t = grid_targets(outputs, batch, num_classes, mask_key)
+    valid = t['valid']
+    log_y = jax.nn.log_softmax(outputs['logits'])
+    alpha = jax.nn.sigmoid(outputs['attention_logits'])
+    terms = {}
+    if semi_key is not None:
+      h, w = log_y.shape[1:3]
+      semi = losses.resize_labels_nearest(batch[semi_key], h, w)
+      labelled = jnp.any(semi != schema.IGNORE_LABEL, axis=(1, 2))
+      ce, ok = losses.softmax_cross_entropy(outputs['logits'], semi)
+      terms['supervised'] = losses.safe_mean(ce, ok & valid)
+      valid = valid & ~labelled[:, None, None]
+      t = dict(t, box=t['box'] * valid[..., None],
+               mask=t['mask'] * valid[..., None],
+               valid_mask=t['valid_mask'] & valid)
+    if weights.box:
+      terms['box'] = L.box_loss(log_y, t['box'], valid)
+    if weights.grabcut:
+      terms['grabcut'] = L.grabcut_loss(log_y, t['mask'], t['valid_mask'])
+    if weights.aw:
+      terms['aw'] = L.attention_weighted_loss(log_y, alpha, t['box'], valid,
+                                              cfg.fg_class_reduction)
+    if weights.alpha:
+      if cfg.alpha_regularizer == 'fill_rate':
+        terms['alpha'] = L.fill_rate_loss(alpha, t['mask'], t['box'], valid,
+                                          cfg.fill_rate_gamma,
+                                          cfg.fill_rate_reduction)
+      else:
+        terms['alpha'] = L.bbox_attention_loss(alpha, t['box'], valid,
+                                               cfg.bbox_reg_reduction)
+    if weights.affinity:
+      y = jnp.exp(log_y)
+      if cfg.affinity_stop_grad_y:
+        y = jax.lax.stop_gradient(y)
+      terms['affinity'] = _sampled_affinity(outputs, t, y, cfg, context.rng)
+    factor = {'supervised': 1.0, 'box': weights.box,
+              'grabcut': weights.grabcut,
+              'aw': weights.aw * aw_ramp(context.step, cfg.aw_warmup_steps),
+              'alpha': weights.alpha, 'affinity': weights.affinity}
+    total = sum(factor[k] * v for k, v in terms.items())
+    # Monitoring only: the mean predicted fill rate η' (Eq. 8) of the boxes.
+    eta_pred = L.predicted_fill_rates(alpha, t['box'], valid)
+    present = jnp.sum(t['box'][..., 1:], axis=(1, 2)) > 0
+    metrics = dict(terms, attention_fill=jax.lax.stop_gradient(
+        losses.safe_mean(eta_pred, present)))
+    return total, metrics
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------
+def _semi_label(example: dict[str, Any], labelled_ids: frozenset[str]
+                ) -> np.ndarray:
+  """Ground truth for the pixel-labelled share, all-ignore for the rest."""
+  mask = example[schema.MASK]
+  if example[schema.IMAGE_ID] in labelled_ids:
+    return mask
+  return np.full_like(mask, schema.IGNORE_LABEL)
+
+
+def pipeline(rt: Runtime) -> MethodPipeline:
+  """The stages of `config.box2seg.variant` (Table 3–5 rows)."""
+  cfg = rt.config.box2seg
+  host_workers = int(rt.config.eval.crf_workers)
+  model = box2seg_model.build_box2seg_model(rt.config, rt.num_classes,
+                                            rt.compute_dtype)
+  supervised_awl = cfg.variant == 'supervised_awl'
+  mask_key = schema.MASK if supervised_awl else GRABCUT_KEY
+  folders = {} if supervised_awl else {
+      GRABCUT_KEY: os.path.join('grabcut', 'labels')}
+  stages: list[Stage] = []
+
+  def box_labels(context, stage_dir):
+    return segmentation.make_label_folder(
+        rt, os.path.join(stage_dir, 'labels'), grabcut.box_fill_example,
+        workers=host_workers)
+  stages.append(Stage('box_labels', box_labels, outputs=('labels',),
+                      description='box-filled masks B (quality report)'))
+
+  if not supervised_awl:
+    def grabcut_labels(context, stage_dir):
+      fn = functools.partial(grabcut.grabcut_example,
+                             iterations=int(cfg.grabcut_iterations))
+      return segmentation.make_label_folder(
+          rt, os.path.join(stage_dir, 'labels'), fn, workers=host_workers)
+    stages.append(Stage('grabcut', grabcut_labels, outputs=('labels',),
+                        description='GrabCut masks M, one per box'))
+
+  def joined(context):
+    return {key: os.path.join(context.workdir, path)
+            for key, path in folders.items()}
+
+  pretrain = bool(cfg.weights.affinity) and cfg.pretrain_steps > 0
+  if pretrain:
+    def run_pretrain(context, stage_dir):
+      return segmentation.train_segmenter(
+          rt, stage_dir, model=model, name='pretrain',
+          loss_fn=pretrain_loss(cfg, rt.num_classes),
+          label_folders=joined(context), num_steps=cfg.pretrain_steps,
+          frozen_modules=('head', 'attention_head'), validate=False)
+    stages.append(Stage('pretrain', run_pretrain,
+                        outputs=(segmentation.MODEL_FILE,),
+                        description='phase 1: affinity pre-training on M'))
+
+  def run_train(context, stage_dir):
+    init = (os.path.join(context.workdir, 'pretrain', segmentation.MODEL_FILE)
+            if pretrain else None)
+    return segmentation.train_segmenter(
+        rt, stage_dir, model=model, name='train',
+        loss_fn=train_loss(cfg, rt.num_classes, mask_key),
+        label_folders=joined(context), init_from=init)
+  stages.append(Stage('train', run_train, outputs=(segmentation.MODEL_FILE,),
+                      description='phase 2: Eq. (11) end to end'))
+  final = 'train'
+
+  if cfg.variant == 'semi':
+    def semi_labels(context, stage_dir):
+      ids = rt.dataset.index(rt.train_split).image_ids
+      count = int(round(cfg.semi_fraction * len(ids)))
+      fn = functools.partial(_semi_label, labelled_ids=frozenset(ids[:count]))
+      result = segmentation.make_label_folder(
+          rt, os.path.join(stage_dir, 'labels'), fn, workers=host_workers)
+      result['labelled_images'] = count
+      return result
+    stages.append(Stage('semi_labels', semi_labels, outputs=('labels',),
+                        description='pixel labels for the labelled share'))
+
+    def finetune(context, stage_dir):
+      return segmentation.train_segmenter(
+          rt, stage_dir, model=model, name='finetune',
+          loss_fn=train_loss(cfg, rt.num_classes, mask_key, SEMI_KEY),
+          label_folders=dict(joined(context), **{SEMI_KEY: os.path.join(
+              context.workdir, 'semi_labels', 'labels')}),
+          init_from=os.path.join(context.workdir, 'train',
+                                 segmentation.MODEL_FILE),
+          num_steps=cfg.finetune_steps)
+    stages.append(Stage('finetune', finetune,
+                        outputs=(segmentation.MODEL_FILE,),
+                        description='Table 5: fine-tune with pixel labels'))
+    final = 'finetune'
+
+  def evaluate(context, stage_dir):
+    _, variables = segmentation.load_trained(
+        rt, os.path.join(context.workdir, final, segmentation.MODEL_FILE),
+        model)
+    return segmentation.evaluate_model(
+        rt, stage_dir, model, variables,
+        num_train_examples=rt.config.report.num_examples)
+  stages.append(Stage('evaluate', evaluate, description='y branch on val'))
+
+  train_stages = tuple(s.name for s in stages
+                       if s.name in ('pretrain', 'train', 'finetune'))
+  return MethodPipeline(
+      stages, eval_stage='evaluate', train_stages=train_stages,
+      pseudo_stage=None if supervised_awl else 'grabcut',
+      pseudo_folder=None if supervised_awl else folders[GRABCUT_KEY],
+      extra_results=_extra_results,
+      report_section=functools.partial(_report_section, rt, model, final))
+
+
+def _extra_results(by_stage: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Pseudo-mask quality of B and M (the paper's Box / GrabCut rows)."""
+  out = {}
+  for stage, name in (('box_labels', 'box_miou'),
+                      ('grabcut', 'grabcut_miou')):
+    quality = by_stage.get(stage, {}).get('quality')
+    if quality:
+      out[name] = quality['miou']
+  generation = by_stage.get('grabcut', {}).get('generation')
+  if generation:
+    out['grabcut_generation'] = generation
+  return out
+
+
+def _report_section(rt: Runtime, model, final_stage: str,
+                    workdir: str) -> list[str]:
+  """Attention maps and GrabCut-vs-prediction figures (paper Fig. 4)."""
+  from wsss_jax.data.label_png import overlay  # pylint: disable=g-import-not-at-top
+  from wsss_jax.ops import image as image_ops  # pylint: disable=g-import-not-at-top
+  from wsss_jax.ops.resize import resize_bilinear  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import cm  # pylint: disable=g-import-not-at-top
+
+  count = min(int(rt.config.report.num_examples), 4)
+  if not count:
+    return []
+  model_file = os.path.join(workdir, final_stage, segmentation.MODEL_FILE)
+  _, variables = segmentation.load_trained(rt, model_file, model)
+
+  @jax.jit
+  def forward(variables, images):
+    x = image_ops.normalize_images(images, rt.normalization)
+    out = model.apply(variables, x, train=False)
+    size = images.shape[1:3]
+    return (jnp.argmax(resize_bilinear(out['logits'], size), -1),
+            resize_bilinear(jax.nn.sigmoid(out['attention_logits']), size))
+
+  out_dir = os.path.join(workdir, 'report')
+  os.makedirs(out_dir, exist_ok=True)
+  folders = {'B': LabelFolder(os.path.join(workdir, 'box_labels', 'labels')),
+             'M': LabelFolder(os.path.join(workdir, 'grabcut', 'labels'))}
+  lines = ['## Attention maps (Box2Seg Fig. 4)', '',
+           'Per training image: the box tensor B, the GrabCut masks M, the '
+           'attention α of the box class at every pixel inside a box (dark '
+           '= 0, yellow = 1), and the final prediction.', '',
+           '| image | input | B (boxes) | M (GrabCut) | attention α | '
+           'prediction |', '| --- | --- | --- | --- | --- | --- |']
+  source = rt.dataset.source(rt.train_split)
+  for i in range(min(count, len(source))):
+    example = source[i]
+    image, image_id = example[schema.IMAGE], example[schema.IMAGE_ID]
+    prediction, attention = jax.device_get(forward(variables, image[None]))
+    cells = {'input': image}
+    for name, folder in folders.items():
+      if os.path.exists(folder.path(image_id)):
+        cells[name] = overlay(image, folder.read(image_id))
+    box = folders['B'].read(image_id) if 'B' in cells else None
+    if box is not None:
+      index = np.clip(box.astype(np.int64) - 1, 0, attention.shape[-1] - 1)
+      alpha = np.take_along_axis(attention[0], index[..., None], -1)[..., 0]
+      alpha = np.where(box > 0, alpha, 0.0)
+      cells['attention'] = (cm.viridis(alpha)[..., :3] * 255).astype(np.uint8)
+    cells['prediction'] = overlay(image, prediction[0].astype(np.uint8))
+    row = [image_id]
+    for name in ('input', 'B', 'M', 'attention', 'prediction'):
+      if name in cells:
+        path = os.path.join(out_dir, f'box2seg_{image_id}_{name}.png')
+        Image.fromarray(cells[name]).save(path)
+        row.append(f'![]({os.path.relpath(path, workdir)})')
+      else:
+        row.append('–')
+    lines.append('| ' + ' | '.join(row) + ' |')
+  return lines
