@@ -49,7 +49,7 @@ def box2seg_section(variant: str) -> ml_collections.ConfigDict:
       affinity_reduction='mean',         # [5] mean over ordered pairs i ≠ j
       affinity_stop_grad_y=False,        # [6] Eq. 10 also trains y
       attention_bias_init=0.0,           # α = σ(bias) at the start
-      aw_warmup_steps=150,               # λ_AW ramp 0 -> 10 (not in the paper)
+      aw_warmup_steps=300,               # λ_AW ramp 0 -> 10 (not in the paper)
       embed_dim=16,                      # [1] d (64 in the paper setting)
       decoder_channels=48,               # [19] UPerNet width (512)
       branch_channels=24,                # [19] hidden width of a branch (256)

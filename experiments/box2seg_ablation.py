@@ -51,8 +51,14 @@ def apply_override(config, override: str) -> None:
   for name in parents:
     node = node[name]
   current = node[leaf]
-  node[leaf] = type(current)(value) if not isinstance(
-      current, (tuple, list, ml_collections.ConfigDict)) else json.loads(value)
+  if isinstance(current, bool):   # bool('False') would be True
+    if value not in ('True', 'False', 'true', 'false'):
+      raise ValueError(f'--override {override}: expected True or False.')
+    node[leaf] = value.lower() == 'true'
+  elif isinstance(current, (tuple, list, ml_collections.ConfigDict)):
+    node[leaf] = json.loads(value)
+  else:
+    node[leaf] = type(current)(value)
 
 
 def main(argv):

@@ -50,6 +50,10 @@ def test_tiny_config_runs_end_to_end_and_resumes(name, tmp_path):
   again = run.train_and_evaluate(config, workdir)
   assert all(s['status'] == 'skipped' for s in again['stages'])
   assert again['val']['miou'] == results['val']['miou']
+  # The rerun reports what the results cost, not its own near-zero time.
+  stage_total = sum(s['wall_s'] for s in results['stages'])
+  assert again['wall_s'] >= stage_total > 0
+  assert again['session_wall_s'] < again['wall_s']
 
 
 def test_changed_config_in_same_workdir_is_refused(tmp_path):

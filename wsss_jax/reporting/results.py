@@ -36,8 +36,13 @@ def _scores(result: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def assemble(rt: Runtime, pipeline: MethodPipeline,
-             records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-  """The results.json dict of a finished run."""
+             records: list[dict[str, Any]], wall_s: float,
+             session_s: float | None = None) -> dict[str, Any]:
+  """The results.json dict of a finished run.
+
+  `wall_s` is the time the results cost (stages timed when they ran, so it
+  survives reruns that skip them); `session_s` is this invocation's time.
+  """
   config = rt.config
   by_name = {record['name']: record['results'] for record in records}
   evaluation = by_name.get(pipeline.eval_stage, {})
@@ -73,6 +78,7 @@ def assemble(rt: Runtime, pipeline: MethodPipeline,
       'val': val,
       'pseudo': pseudo,
       'wall_s': round(wall_s, 2),
+      'session_wall_s': round(wall_s if session_s is None else session_s, 2),
       'stages': [{'name': r['name'], 'wall_s': r['wall_s'],
                   'status': r['status']} for r in records],
       'training': {name: {k: v for k, v in by_name.get(name, {}).items()
