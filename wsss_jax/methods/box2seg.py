@@ -200,11 +200,16 @@ def train_loss(cfg, num_classes: int, mask_key: str = GRABCUT_KEY,
       if cfg.affinity_stop_grad_y:
         y = jax.lax.stop_gradient(y)
       terms['affinity'] = _sampled_affinity(outputs, t, y, cfg, context.rng)
-    factor = {'supervised': 1.0, 'box': weights.box,
-              'grabcut': weights.grabcut,
-              'aw': weights.aw * aw_ramp(context.step, cfg.aw_warmup_steps),
-              'alpha': weights.alpha, 'affinity': weights.affinity}
-    total = sum(factor[k] * v for k, v in terms.items())
+    zero = jnp.zeros((), jnp.float32)
+    # Eq. (11) on the weak terms (an absent term is 0), plus the Table 3
+    # `box` row's L_box and the Tables 4–5 supervised CE.
+    total = L.total_loss(
+        weights.grabcut * terms.get('grabcut', zero), terms.get('aw', zero),
+        terms.get('alpha', zero), terms.get('affinity', zero),
+        lambda_aw=weights.aw * aw_ramp(context.step, cfg.aw_warmup_steps),
+        lambda_alpha=weights.alpha, lambda_affinity=weights.affinity)
+    total = (total + weights.box * terms.get('box', zero)
+             + terms.get('supervised', zero))
     # Monitoring only: the mean predicted fill rate η' (Eq. 8) of the boxes.
     eta_pred = L.predicted_fill_rates(alpha, t['box'], valid)
     present = jnp.sum(t['box'][..., 1:], axis=(1, 2)) > 0
