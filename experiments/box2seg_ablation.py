@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
+import sys
 
 from absl import app, flags
-import ml_collections
 
-from wsss_jax import run
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _VARIANTS = flags.DEFINE_list(
     'variants', ['box', 'grabcut', 'affinity', 'aw_box', 'aw_fr', 'box2seg'],
@@ -33,65 +33,28 @@ _OVERRIDES = flags.DEFINE_multi_string(
 _TAG = flags.DEFINE_string('tag', '', 'Suffix of the output folder.')
 _OUT = flags.DEFINE_string('out', 'experiments/out', 'Output root.')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_STAGES = ('box_labels', 'grabcut')
 PAPER = {'box': 59.3, 'grabcut': 72.7, 'affinity': 73.9, 'aw_box': 74.1,
          'aw_fr': 74.6, 'box2seg': 74.9}
 
 
-def load_config(variant: str):
-  return run.load_config_file(
-      os.path.join(REPO, 'configs', 'box2seg.py'), variant)
-
-
-def apply_override(config, override: str) -> None:
-  path, value = override.split('=', 1)
-  *parents, leaf = path.split('.')
-  node = config
-  for name in parents:
-    node = node[name]
-  current = node[leaf]
-  if isinstance(current, bool):   # bool('False') would be True
-    if value not in ('True', 'False', 'true', 'false'):
-      raise ValueError(f'--override {override}: expected True or False.')
-    node[leaf] = value.lower() == 'true'
-  elif isinstance(current, (tuple, list, ml_collections.ConfigDict)):
-    node[leaf] = json.loads(value)
-  else:
-    node[leaf] = type(current)(value)
-
-
 def main(argv):
   del argv
-  run.configure_logging()
   root = os.path.join(_OUT.value, 'box2seg' + (f'-{_TAG.value}'
                                                if _TAG.value else ''))
-  rows, donor = [], None
-  for seed in (int(s) for s in _SEEDS.value):
-    for variant in _VARIANTS.value:
-      config = load_config(variant)
-      config.seed = seed
-      for override in _OVERRIDES.value:
-        apply_override(config, override)
-      workdir = os.path.join(root, f'{variant}-seed{seed}')
-      if donor is not None:
-        for stage in SHARED_STAGES:
-          source, target = (os.path.join(donor, stage),
-                            os.path.join(workdir, stage))
-          if os.path.isdir(source) and not os.path.exists(target):
-            shutil.copytree(source, target)
-      results = run.train_and_evaluate(config, workdir)
-      donor = donor or workdir
-      training = results['training'].get('train', {})
-      rows.append({'variant': variant, 'seed': seed,
-                   'val_miou': results['val']['miou'],
-                   'per_class_iou': results['val']['per_class_iou'],
-                   'box_miou': results['box2seg'].get('box_miou'),
-                   'grabcut_miou': results['box2seg'].get('grabcut_miou'),
-                   'wall_s': results['wall_s'],
-                   'train_images_per_second':
-                       training.get('images_per_second')})
-      print(json.dumps(rows[-1]), flush=True)
+  rows = []
+  for variant, seed, results in sweep.run_sweep(
+      'configs/box2seg.py', _VARIANTS.value, [int(s) for s in _SEEDS.value],
+      _OVERRIDES.value, root, SHARED_STAGES):
+    training = results['training'].get('train', {})
+    rows.append({'variant': variant, 'seed': seed,
+                 'val_miou': results['val']['miou'],
+                 'per_class_iou': results['val']['per_class_iou'],
+                 'box_miou': results['box2seg'].get('box_miou'),
+                 'grabcut_miou': results['box2seg'].get('grabcut_miou'),
+                 'wall_s': results['wall_s'],
+                 'train_images_per_second': training.get('images_per_second')})
+    print(json.dumps(rows[-1]), flush=True)
   lines = ['| variant | paper (VOC val) | ' + ' | '.join(
       f'seed {s}' for s in _SEEDS.value) + ' | mean |',
            '| --- | --- | ' + ' | '.join('---' for _ in _SEEDS.value)
@@ -106,11 +69,8 @@ def main(argv):
                f" M (GrabCut) {first['grabcut_miou']:.1f} mIoU.")
   table = '\n'.join(lines)
   print(table)
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, 'ablation.md'), 'w') as f:
-    f.write(table + '\n')
-  with open(os.path.join(root, 'ablation.json'), 'w') as f:
-    json.dump({'rows': rows, 'overrides': _OVERRIDES.value}, f, indent=2)
+  sweep.write_outputs(root, 'ablation', table,
+                      {'rows': rows, 'overrides': _OVERRIDES.value})
 
 
 if __name__ == '__main__':

@@ -137,7 +137,7 @@ def markdown(result: dict) -> str:
 
 def main(argv) -> None:
   del argv
-  data_config = defaults.shapes_data(aux=_FAMILY.value == 'aux')
+  data_config = defaults.shapes_data(_FAMILY.value)
   data_config.shapes.update(
       image_size=_IMAGE_SIZE.value, num_classes=_NUM_CLASSES.value,
       num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,

@@ -439,3 +439,25 @@ def test_vgg_batch_norm_option_normalises_every_conv():
   plain_vars = build.build_model(plain, 3).init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 24, 24, 3)))
   assert not plain_vars.get('batch_stats')
+
+
+def test_cosine_head_outputs_scaled_cosines_and_dot_head_products():
+  from wsss_jax.models import heads  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(1, 2, 3, 5)), jnp.float32)
+  cosine = heads.CosineHead(num_classes=4, kind='cosine', temperature=20.0)
+  variables = cosine.init(jax.random.PRNGKey(0), features)
+  kernel = np.asarray(variables['params']['classifier']['kernel'])[0, 0]
+  out = cosine.apply(variables, features)
+  f = np.asarray(features)
+  expected = (f / np.linalg.norm(f, axis=-1, keepdims=True)) @ (
+      kernel / np.linalg.norm(kernel, axis=0, keepdims=True))
+  np.testing.assert_allclose(out['cosines'], expected, atol=1e-5)
+  np.testing.assert_allclose(out['logits'], 20.0 * expected, atol=1e-4)
+  dot = heads.CosineHead(num_classes=4, kind='dot')
+  out = dot.apply(variables, features)
+  np.testing.assert_allclose(out['logits'], f @ kernel, atol=1e-5)
+  np.testing.assert_allclose(out['cosines'], expected, atol=1e-5)
+  with pytest.raises(ValueError, match='kind'):
+    heads.CosineHead(num_classes=4, kind='other').init(
+        jax.random.PRNGKey(0), features)

@@ -15,10 +15,18 @@ ConfigDict = ml_collections.ConfigDict
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
-def shapes_data(aux: bool = False) -> ConfigDict:
-  """The embedded synthetic benchmark (no download; generated and cached)."""
+def shapes_data(family: str = 'main') -> ConfigDict:
+  """The embedded synthetic benchmark (no download; generated and cached).
+
+  `family`: 'main' (dataset 'shapes'), 'aux' ('shapes_aux', other classes) or
+  'hard' ('shapes_hard', the main classes on GrabCut-hard scenes).
+  """
+  names = {'main': 'shapes', 'aux': 'shapes_aux', 'hard': 'shapes_hard'}
+  if family not in names:
+    raise ValueError(f'shapes family={family!r}: expected one of '
+                     f'{sorted(names)}.')
   return ConfigDict(dict(
-      name='shapes_aux' if aux else 'shapes',
+      name=names[family],
       data_dir='',              # '' -> $WSSS_JAX_DATA_DIR or ~/.cache/wsss_jax
       train_split='train',
       val_split='val',
@@ -115,8 +123,10 @@ def largefov_model(fc6_dilation: int = 12) -> ConfigDict:
       batch_norm=False,          # VGG16-BN placement (benchmark backbone only)
       head='linear',
       head_bias=True,
+      cosine_temperature=20.0,   # τ of the 'cosine' head (BANA)
       aspp_rates=(6, 12, 18, 24),
       aspp_dim=0,
+      aspp_classifier='linear',  # classifier after BANA's ASPP (aspp_dim > 0)
       frozen_bn=True,
       init_weights='',           # local .npz from tools.convert_weights
       dont_load=('(params|batch_stats)/head/.*',),  # regexes not taken from it

@@ -64,6 +64,30 @@ def make_label_folder(rt: Runtime, folder: str,
   return {'generation': json_safe(stats), 'quality': quality}
 
 
+def _partial_ground_truth(example: dict[str, Any],
+                          labelled_ids: frozenset[str]) -> np.ndarray:
+  """Ground truth for the labelled share, all-ignore for the rest."""
+  mask = example[schema.MASK]
+  if example[schema.IMAGE_ID] in labelled_ids:
+    return mask
+  return np.full_like(mask, schema.IGNORE_LABEL)
+
+
+def make_partial_label_folder(rt: Runtime, folder: str, fraction: float,
+                              workers: int = 0) -> dict[str, Any]:
+  """Ground-truth masks for the first `fraction` of the training images (in
+  split order) and all-255 maps for the others: the pixel labels of the
+  semi-supervised variants (Box2Seg Table 5, BANA Table 4).  Returns
+  `make_label_folder`'s results plus 'labelled_images'."""
+  ids = rt.dataset.index(rt.train_split).image_ids
+  count = int(round(float(fraction) * len(ids)))
+  fn = functools.partial(_partial_ground_truth,
+                         labelled_ids=frozenset(ids[:count]))
+  result = make_label_folder(rt, folder, fn, workers=workers)
+  result['labelled_images'] = count
+  return result
+
+
 # ----------------------------------------------------------------------------
 # Models and weights
 # ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Command line (see `--help`):
       [--sbd-root=.../benchmark_RELEASE/dataset
        | --seg-aug-root=.../SegmentationClassAug]
   python -m wsss_jax.data.prepare coco --coco-root=... [--class-set=non_voc]
-  python -m wsss_jax.data.prepare shapes [--aux]
+  python -m wsss_jax.data.prepare shapes [--family=main|aux|hard]
 
 Every form takes `--data-dir` (default: $WSSS_JAX_DATA_DIR or
 ~/.cache/wsss_jax/datasets).  Preparing is idempotent: a dataset already
@@ -260,8 +260,10 @@ def _parser() -> argparse.ArgumentParser:
                       default=f'annotations/instances_{split}2017.json')
 
   shapes = sub.add_parser('shapes', help='the synthetic benchmark.')
-  shapes.add_argument('--aux', action='store_true',
-                      help='the auxiliary shape family (LPG)')
+  shapes.add_argument('--family', default='main',
+                      choices=('main', 'aux', 'hard'),
+                      help="'aux': the auxiliary shape family (LPG); 'hard': "
+                      'the main classes on GrabCut-hard scenes (Box2Seg)')
 
   for p in (voc, coco, shapes):
     p.add_argument('--data-dir', default='',
@@ -303,7 +305,7 @@ def _config(args: argparse.Namespace) -> Any:
     config.coco.train_annotations = args.train_annotations
     config.coco.val_annotations = args.val_annotations
   else:
-    config = defaults.shapes_data(aux=args.aux)
+    config = defaults.shapes_data(args.family)
   config.data_dir = os.path.abspath(os.path.expanduser(
       args.data_dir or registry.default_data_dir()))
   return config

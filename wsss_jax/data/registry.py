@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 _BUILDER_MODULES = {
     'shapes': 'wsss_jax.data.shapes.builder',
     'shapes_aux': 'wsss_jax.data.shapes.builder',
+    'shapes_hard': 'wsss_jax.data.shapes.builder',
     'voc': 'wsss_jax.data.voc.builder',
     'coco': 'wsss_jax.data.coco.builder',
 }

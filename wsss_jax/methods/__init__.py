@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from wsss_jax.methods import baselines, box2seg
+from wsss_jax.methods import bana, baselines, box2seg
 from wsss_jax.methods.base import MethodPipeline
 
 METHODS: dict[str, Callable[..., MethodPipeline]] = {
     'supervised': baselines.supervised,
     'box_baseline': baselines.box_baseline,
     'box2seg': box2seg.pipeline,
+    'bana': bana.pipeline,
 }
 
 

@@ -222,15 +222,6 @@ def train_loss(cfg, num_classes: int, mask_key: str = GRABCUT_KEY,
 # ----------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------
-def _semi_label(example: dict[str, Any], labelled_ids: frozenset[str]
-                ) -> np.ndarray:
-  """Ground truth for the pixel-labelled share, all-ignore for the rest."""
-  mask = example[schema.MASK]
-  if example[schema.IMAGE_ID] in labelled_ids:
-    return mask
-  return np.full_like(mask, schema.IGNORE_LABEL)
-
-
 def pipeline(rt: Runtime) -> MethodPipeline:
   """The stages of `config.box2seg.variant` (Table 3–5 rows)."""
   cfg = rt.config.box2seg
@@ -288,13 +279,9 @@ def pipeline(rt: Runtime) -> MethodPipeline:
 
   if cfg.variant == 'semi':
     def semi_labels(context, stage_dir):
-      ids = rt.dataset.index(rt.train_split).image_ids
-      count = int(round(cfg.semi_fraction * len(ids)))
-      fn = functools.partial(_semi_label, labelled_ids=frozenset(ids[:count]))
-      result = segmentation.make_label_folder(
-          rt, os.path.join(stage_dir, 'labels'), fn, workers=host_workers)
-      result['labelled_images'] = count
-      return result
+      return segmentation.make_partial_label_folder(
+          rt, os.path.join(stage_dir, 'labels'), cfg.semi_fraction,
+          workers=host_workers)
     stages.append(Stage('semi_labels', semi_labels, outputs=('labels',),
                         description='pixel labels for the labelled share'))
 

@@ -27,7 +27,7 @@ from wsss_jax.models import segmenter
 from wsss_jax.models import vgg
 
 BACKBONES = ('vgg16_largefov', 'resnet101_deeplab')
-HEADS = ('linear', 'aspp_v2')
+HEADS = ('linear', 'aspp_v2', 'cosine', 'dot')
 
 _RESNET_DEFAULTS = dict(resnet_blocks=(3, 4, 23, 3), resnet_stride_in_1x1=True,
                         resnet_stem_ceil_mode=True, output_stride=8)
@@ -91,12 +91,19 @@ def build_head(model_config: Mapping[str, Any], num_classes: int,
   if name == 'linear':
     return heads.LinearHead(num_classes=int(num_classes), use_bias=use_bias,
                             dtype=dtype)
+  if name in ('cosine', 'dot'):
+    return heads.CosineHead(
+        num_classes=int(num_classes), kind=name,
+        temperature=float(model_config.get('cosine_temperature', 20.0)),
+        dtype=dtype)
   if name == 'aspp_v2':
     return heads.ASPPV2Head(
         num_classes=int(num_classes),
         rates=tuple(int(r) for r in _field(model_config, 'aspp_rates')),
         aspp_dim=int(_field(model_config, 'aspp_dim')),
         use_bias=use_bias,
+        classifier=str(model_config.get('aspp_classifier', 'linear')),
+        temperature=float(model_config.get('cosine_temperature', 20.0)),
         dtype=dtype)
   raise ValueError(f'model.head={name!r} is unknown; choose one of {HEADS}')
 

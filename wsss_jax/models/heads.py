@@ -1,4 +1,4 @@
-"""Segmentation heads: a 1x1 linear classifier and the DeepLab-v2 ASPP.
+"""Segmentation heads: 1x1 linear and cosine classifiers, the DeepLab-v2 ASPP.
 
 Each head maps backbone features (B, h, w, D) to a dict with 'logits'
 (B, h, w, num_classes) and, when the head has its own representation,
@@ -41,6 +41,62 @@ class LinearHead(nn.Module):
     return {'logits': logits}
 
 
+class _Kernel(nn.Module):
+  """Holds a 1x1 classifier kernel (1, 1, D, C) under `<name>/kernel`, the
+  layout of a 1x1 conv, so weight files and parameter groups treat it as one."""
+  features: int
+  num_classes: int
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param('kernel', layers.CLASSIFIER_INIT,
+                      (1, 1, self.features, self.num_classes), jnp.float32)
+
+
+class CosineHead(nn.Module):
+  """BANA's classifier on features (supplement Sect. 4, Eqs. 2-3), no bias.
+
+  Both forms also return the cosines cos(φ(p), W_c) (the noise-aware loss
+  reads D_c = 1 + cos, BANA Eq. 11, whatever the classifier):
+
+  * `kind='cosine'` (supp. Eq. 3): logits = τ·cos(φ, W_c), features and
+    weights L2-normalised with eps 1e-12; τ = `temperature` (20).
+  * `kind='dot'` (supp. Eq. 2, Table 5's alternative): logits = φ·W_c.
+
+  Weights N(0, 0.01) (bana.md 5.6: the initial norm matters with cosines).
+
+  Attributes:
+    num_classes: output classes.
+    kind: 'cosine' or 'dot'.
+    temperature: τ of the cosine form.
+    dtype: computation dtype of the input (the products run in float32).
+  """
+  num_classes: int
+  kind: str = 'cosine'
+  temperature: float = 20.0
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> dict:
+    """(B, h, w, D) -> {'logits', 'cosines'}, each (B, h, w, num_classes)
+    float32."""
+    del train
+    if self.kind not in ('cosine', 'dot'):
+      raise ValueError(f"CosineHead.kind={self.kind!r}: expected 'cosine' or "
+                       "'dot'.")
+    kernel = _Kernel(features.shape[-1], self.num_classes,
+                     name='classifier')()[0, 0]
+    phi = features.astype(jnp.float32)
+    unit_phi = phi / jnp.maximum(
+        jnp.linalg.norm(phi, axis=-1, keepdims=True), 1e-12)
+    unit_w = kernel / jnp.maximum(
+        jnp.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    cosines = unit_phi @ unit_w
+    logits = (self.temperature * cosines if self.kind == 'cosine'
+              else phi @ kernel)
+    return {'logits': logits, 'cosines': cosines}
+
+
 class ASPPV2Head(nn.Module):
   """DeepLab-v2 atrous spatial pyramid pooling (Chen et al., TPAMI 2018).
 
@@ -51,7 +107,8 @@ class ASPPV2Head(nn.Module):
   BANA's form (`aspp_dim > 0`, bana.md 5.7): the branches output `aspp_dim`
   channels without bias; their sum goes through a ReLU and becomes
   'features'; a 1x1 conv `classifier` (bias = `use_bias`, BANA: none) gives
-  the logits.
+  the logits, or with `classifier='cosine'`/`'dot'` a `CosineHead` (BANA's
+  stage 3, which also returns 'cosines').
 
   Attributes:
     num_classes: output classes.
@@ -64,12 +121,14 @@ class ASPPV2Head(nn.Module):
   rates: Sequence[int] = (6, 12, 18, 24)
   aspp_dim: int = 0
   use_bias: bool = True
+  classifier: str = 'linear'
+  temperature: float = 20.0
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features: jax.Array, train: bool = False) -> dict:
     """(B, h, w, D) -> {'logits': (B, h, w, num_classes)[, 'features':
-    (B, h, w, aspp_dim)]} in `dtype`."""
+    (B, h, w, aspp_dim)][, 'cosines']} in `dtype`."""
     del train
     if not self.rates:
       raise ValueError('aspp_rates must name at least one dilation rate')
@@ -85,6 +144,11 @@ class ASPPV2Head(nn.Module):
     if standard:
       return {'logits': total}
     aspp_features = nn.relu(total)
+    if self.classifier != 'linear':
+      out = CosineHead(self.num_classes, kind=self.classifier,
+                       temperature=self.temperature, dtype=self.dtype,
+                       name='cosine')(aspp_features)
+      return dict(out, features=aspp_features)
     logits = layers.conv2d(self.num_classes, 1, use_bias=self.use_bias,
                            dtype=self.dtype,
                            kernel_init=layers.CLASSIFIER_INIT,

@@ -37,6 +37,8 @@ def assemble_outputs(backbone_out: dict, head_out: dict) -> dict:
       'features': head_out.get('features',
                                backbone_out['features']).astype(jnp.float32),
   }
+  if 'cosines' in head_out:       # cosine classifiers (BANA)
+    out['cosines'] = head_out['cosines'].astype(jnp.float32)
   if 'levels' in backbone_out:
     out['levels'] = dict(backbone_out['levels'])
   return out

@@ -24,7 +24,6 @@ import tqdm
 from wsss_jax.training import checkpoint as checkpoint_lib
 from wsss_jax.training import history as history_lib
 from wsss_jax.training import mesh as mesh_lib
-from wsss_jax.training import state as state_lib
 
 log = logging.getLogger(__name__)
 

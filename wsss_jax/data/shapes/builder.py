@@ -30,7 +30,8 @@ from wsss_jax.data import schema
 from wsss_jax.data.shapes import render
 
 # config.data.name -> render family.
-FAMILY_OF_DATASET = {'shapes': 'main', 'shapes_aux': 'aux'}
+FAMILY_OF_DATASET = {'shapes': 'main', 'shapes_aux': 'aux',
+                     'shapes_hard': 'hard'}
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,8 +86,8 @@ class WsssShapes(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = [shapes_config(family='main'),
-                     shapes_config(family='aux')]
+  BUILDER_CONFIGS = [shapes_config(family=family)
+                     for family in render.FAMILIES]
 
   def is_prepared(self) -> bool:
     # tfds logs a warning for a missing variant folder; a cold cache is normal.
@@ -162,7 +163,7 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 
 def make_builder(data_config, data_dir: str) -> WsssShapes:
-  """The builder of `config.data` (name 'shapes' or 'shapes_aux')."""
+  """The builder of `config.data` (a name of `FAMILY_OF_DATASET`)."""
   if data_config.name not in FAMILY_OF_DATASET:
     raise ValueError(f'config.data.name={data_config.name!r} is not a shapes '
                      f'dataset; expected one of {sorted(FAMILY_OF_DATASET)}.')

@@ -35,11 +35,12 @@ import numpy as np
 from wsss_jax.data import schema
 from wsss_jax.data.shapes import geometry
 
-FAMILIES = ('main', 'aux')
+FAMILIES = ('main', 'aux', 'hard')
 SHAPES = {
     'main': ('ellipse', 'triangle', 'star', 'ring', 'cross', 'crescent'),
     'aux': ('polygon', 'heart', 'arrow', 'lshape', 'bowtie', 'wave'),
 }
+SHAPES['hard'] = SHAPES['main']
 MAX_CLASSES = 6
 MAX_OBJECTS = 8
 SPLITS = ('train', 'val')
@@ -47,10 +48,12 @@ REFERENCE_SIZE = 128
 MIN_VISIBLE_PIXELS = 20
 MIN_IMAGE_SIZE = 16
 _SPLIT_CODES = {('main', 'train'): 0, ('main', 'val'): 1,
-                ('aux', 'train'): 2, ('aux', 'val'): 3}
+                ('aux', 'train'): 2, ('aux', 'val'): 3,
+                ('hard', 'train'): 4, ('hard', 'val'): 5}
 _MAX_ATTEMPTS = 20
 _RADIUS_RANGE = (13.0, 42.0)       # half-size in px at 128 px (uniform)
 _NOISE_SIGMA = 2.0                 # per-pixel sensor noise, grey levels
+_CONTEXT_HALF_SIZE = (0.8, 0.95)   # support region / box half-sizes ('hard')
 
 # shape -> (hue in degrees, texture kind, max |rotation| in degrees).  Limited
 # rotations keep canonical poses (upright triangle, "+" not "x"), as real
@@ -177,11 +180,13 @@ def render_scene(rng: np.random.Generator, image_size: int, num_classes: int,
   mask = labels[instances].astype(np.uint8)
   mask[band] = schema.IGNORE_LABEL
   image = _background(rng, size, scale, shapes)
+  boxes = _visible_boxes(instances, objects)
+  if family == 'hard':
+    _paint_context(rng, image, boxes, size, scale)
   for obj in objects:
     _paint_object(rng, image, obj, scale)
   image += _NOISE_SIGMA * rng.standard_normal(image.shape, np.float32)
   image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-  boxes = _visible_boxes(instances, objects)
   box_labels = labels[1:]
   return Scene(image=image, mask=mask, instances=instances, boxes=boxes,
                box_labels=box_labels,
@@ -394,12 +399,56 @@ def _paint_blob(rng: np.random.Generator, image: np.ndarray, size: int,
   level = level + 0.8 * _smooth_noise(rng, r1 - r0, c1 - c0, 3)[..., 0]
   # level changes by ~2/radius per px at the rim: this gives a ~1 px soft edge.
   alpha = np.clip(0.5 + 0.5 * radius * level, 0, 1)[..., None]
-  primary = _colour(rng, hue + rng.normal(0, 12), (0.2, 0.6), (0.35, 0.85))
-  secondary = _colour(rng, hue + rng.uniform(-25, 25), (0.15, 0.6),
-                      (0.3, 0.85))
   cells = max(2, int(round(2 * reach / (8 * scale))))
-  mottle = _smooth_noise(rng, r1 - r0, c1 - c0, cells)
+  _shade_stuff(rng, image[r0:r1, c0:c1], alpha, hue, ((0.2, 0.6), (0.15, 0.6)),
+               cells)
+
+
+def _shade_stuff(rng: np.random.Generator, region: np.ndarray,
+                 alpha: np.ndarray, hue: float,
+                 saturations: tuple[tuple[float, float], tuple[float, float]],
+                 cells: int) -> None:
+  """Composites mottled "stuff" shading into `region` (a view) by `alpha`:
+  two colours around `hue` (saturation ranges of the primary and secondary)
+  mixed by smooth noise of `cells` cells, never a regular class texture."""
+  primary = _colour(rng, hue + rng.normal(0, 12), saturations[0], (0.35, 0.85))
+  secondary = _colour(rng, hue + rng.uniform(-25, 25), saturations[1],
+                      (0.3, 0.85))
+  mottle = _smooth_noise(rng, *region.shape[:2], cells)
   colour = primary + (secondary - primary) * (mottle + 1) * rng.uniform(0.1,
                                                                         0.35)
-  region = image[r0:r1, c0:c1]
   region += (colour - region) * alpha
+
+
+def _paint_context(rng: np.random.Generator, image: np.ndarray,
+                   boxes: np.ndarray, size: int, scale: float) -> None:
+  """Paints a "support" stuff region behind every object (family 'hard').
+
+  A rounded rectangle (superellipse, exponent 4) of 80-95 % of the box's
+  half-sizes, centred on the box, with a noisy rim and the mottled shading of
+  the distractor blobs (so, across the data set, it looks like background
+  stuff), in an arbitrary hue unrelated to the rest of the image: a sofa under
+  the cat.  It fills the box corners the object leaves free and rarely crosses
+  the box edge, so GrabCut, whose background colour model only sees pixels
+  outside the box, takes it for foreground -- the in-box background error
+  Box2Seg's attention is meant to correct.  Painted before the objects: it is
+  background in the mask.
+  """
+  for x0, y0, x1, y1 in boxes.astype(np.float64):
+    half_x = 0.5 * (x1 - x0) * rng.uniform(*_CONTEXT_HALF_SIZE)
+    half_y = 0.5 * (y1 - y0) * rng.uniform(*_CONTEXT_HALF_SIZE)
+    cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
+    r0, r1 = max(0, int(cy - 1.3 * half_y)), min(
+        size, int(np.ceil(cy + 1.3 * half_y)))
+    c0, c1 = max(0, int(cx - 1.3 * half_x)), min(
+        size, int(np.ceil(cx + 1.3 * half_x)))
+    if r1 <= r0 or c1 <= c0:
+      continue
+    v = (np.arange(r0, r1, dtype=np.float32) + 0.5 - cy)[:, None] / half_y
+    u = (np.arange(c0, c1, dtype=np.float32) + 0.5 - cx)[None, :] / half_x
+    level = 1 - (u ** 4 + v ** 4) ** 0.25
+    level = level + 0.15 * _smooth_noise(rng, r1 - r0, c1 - c0, 3)[..., 0]
+    alpha = np.clip(0.5 + 0.5 * min(half_x, half_y) * level, 0, 1)[..., None]
+    cells = max(2, int(round(2 * max(half_x, half_y) / (8 * scale))))
+    _shade_stuff(rng, image[r0:r1, c0:c1], alpha, rng.uniform(0, 360),
+                 ((0.3, 0.8), (0.3, 0.8)), cells)

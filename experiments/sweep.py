@@ -1,0 +1,75 @@
+"""Shared loop of the experiment scripts: one config file, many variants and
+seeds, label stages computed once.
+
+Every run gets its own workdir `<root>/<variant>-seed<seed>`; stages listed
+as shared (pseudo-label stages that do not depend on the variant or seed) are
+copied from the first run's workdir into the others, where their stage
+markers make them count as complete.  Finished runs are skipped on rerun
+(the pipeline's own resume), so an interrupted sweep continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Iterator, Sequence
+
+import ml_collections
+
+from wsss_jax import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def apply_override(config, override: str) -> None:
+  """Applies one 'a.b.c=value' override, parsed by the field's current type
+  (bools from True/False, tuples and sections from JSON)."""
+  path, value = override.split('=', 1)
+  *parents, leaf = path.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  current = node[leaf]
+  if isinstance(current, bool):   # bool('False') would be True
+    if value not in ('True', 'False', 'true', 'false'):
+      raise ValueError(f'--override {override}: expected True or False.')
+    node[leaf] = value.lower() == 'true'
+  elif isinstance(current, (tuple, list, ml_collections.ConfigDict)):
+    node[leaf] = json.loads(value)
+  else:
+    node[leaf] = type(current)(value)
+
+
+def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
+              overrides: Sequence[str], root: str,
+              shared_stages: Sequence[str] = ()
+              ) -> Iterator[tuple[str, int, dict[str, Any]]]:
+  """Yields (variant, seed, results.json dict) for every run, seeds outer."""
+  run.configure_logging()
+  donor = None
+  for seed in seeds:
+    for variant in variants:
+      config = run.load_config_file(os.path.join(REPO, config_file), variant)
+      config.seed = int(seed)
+      for override in overrides:
+        apply_override(config, override)
+      workdir = os.path.join(root, f'{variant}-seed{seed}')
+      if donor is not None:
+        for stage in shared_stages:
+          source, target = (os.path.join(donor, stage),
+                            os.path.join(workdir, stage))
+          if os.path.isdir(source) and not os.path.exists(target):
+            shutil.copytree(source, target)
+      results = run.train_and_evaluate(config, workdir)
+      donor = donor or workdir
+      yield variant, int(seed), results
+
+
+def write_outputs(root: str, name: str, table: str, payload: Any) -> None:
+  """`<root>/<name>.md` (the table) and `<root>/<name>.json`."""
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f'{name}.md'), 'w') as f:
+    f.write(table + '\n')
+  with open(os.path.join(root, f'{name}.json'), 'w') as f:
+    json.dump(payload, f, indent=2)

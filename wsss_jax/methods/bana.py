@@ -1,0 +1,268 @@
+"""BANA (Oh, Kim, Ham, CVPR 2021) as a pipeline of stages.
+
+    classifier      stage 1 (Sect. 3.1): the Labeler, a classification
+                    network trained on boxes with background-aware pooling
+                    (`bana_bap`; `pooling='gap'` for Table 1's GAP)
+    labels          stage 2 (Sect. 3.2): Y_crf and Y_ret for every training
+                    image (`bana_labels`, orchestrated by `bana_generate`)
+    gap_classifier, gap_labels
+                    the same with GAP, to report Table 1's comparison
+                    (`bana.compare_gap`)
+    semi_labels     (`semi` variant) ground-truth masks for a share of images
+    train           stage 3 (Sect. 3.3): DeepLab with the cosine classifier
+                    and the noise-aware loss (`bana_losses`; Table 3 rows and
+                    the Table 4 label choices via `bana.loss`)
+    evaluate        4 scales × flip, averaged cosines, DenseCRF; scored with
+                    and without the CRF
+
+Paper first, the official code where the paper is silent, the code's other
+behaviours behind the switches of configs/bana.py (reference/bana.md §9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from wsss_jax import defaults, segmentation
+from wsss_jax.atomic import json_safe
+from wsss_jax.data import schema
+from wsss_jax.data.label_png import LabelFolder
+from wsss_jax.evaluation import metrics
+from wsss_jax.methods import bana_bap, bana_generate, bana_losses
+from wsss_jax.methods.base import MethodPipeline
+from wsss_jax.ops.resize import resize_bilinear
+from wsss_jax.runtime import Runtime
+from wsss_jax.stages import Stage
+from wsss_jax.training import mesh as mesh_lib
+from wsss_jax.training.step import LossContext
+
+Y_CRF, Y_RET = bana_generate.Y_CRF, bana_generate.Y_RET
+SEMI_KEY = 'semi_mask'
+
+
+# ----------------------------------------------------------------------------
+# Stage 1: the Labeler
+# ----------------------------------------------------------------------------
+def classifier_config(config, pooling: str):
+  """The run config as stage 1 sees it: BANA's stage-1 network (fc6 dilation
+  1, 1×1 classifier without bias), `bana.classifier_steps` steps and, for the
+  SGD settings, the learning rates of `bana.lr_preset` (reference/bana.md
+  §9.3: 'paper' backbone 1e-4 / biases 2e-4 / classifier 1e-3, ÷10 after 10
+  of 15 epochs; 'code' 10× those, ÷10 at iteration 5000 of 8000)."""
+  config = config.copy_and_resolve_references()
+  cfg = config.bana
+  if config.model.backbone != 'vgg16_largefov':
+    # The Labeler is always the VGG16 (Sect. 4.1); DeepLab-v2 runs use it
+    # from `bana.classifier_init_weights`.
+    model = defaults.largefov_model()
+    model.init_weights = cfg.classifier_init_weights
+    config.model = model
+  config.model.update(fc6_dilation=int(cfg.classifier_fc6_dilation),
+                      head='linear', head_bias=False)
+  config.train.num_steps = int(cfg.classifier_steps)
+  if config.optim.name == 'sgd':
+    preset = cfg.compat.stage1_lr_preset
+    if preset == 'paper':
+      config.optim.update(lr=1e-4, schedule='step', step_boundaries=(10 / 15,))
+    elif preset == 'code':
+      config.optim.update(lr=1e-3, schedule='step',
+                          step_boundaries=(5000 / 8000,))
+      config.train.num_steps = 8000
+    else:
+      raise ValueError(f'bana.compat.stage1_lr_preset={preset!r}: expected '
+                       "'paper' or 'code'.")
+    config.optim.lr_mult.update(backbone_weight=1.0, backbone_bias=2.0,
+                                head_weight=10.0, head_bias=20.0)
+  config.bana.pooling = pooling
+  return config
+
+
+def classifier_loss(cfg):
+  """Stage-1 loss: BAP (Eqs. 1-4) then one cross-entropy over the boxes'
+  pooled features and the background queries (`bana_bap.bap_loss`)."""
+  def loss_fn(outputs, batch, context: LossContext):
+    kernel = context.params['head']['classifier']['kernel'][0, 0]
+    out = bana_bap.bap_forward(
+        outputs['features'], batch[schema.BOXES], batch[schema.BOX_LABELS],
+        batch[schema.VALID], grid=int(cfg.grid),
+        roi_grid=tuple(int(v) for v in cfg.compat.bap_roi_grid),
+        sampling=cfg.compat.bap_sampling,
+        pooling=cfg.pooling,
+        min_background_fraction=float(cfg.min_background_fraction))
+    return bana_bap.bap_loss(out, kernel.astype(jnp.float32),
+                             balance=bool(cfg.balance_rows))
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# Stage 3: segmentation with the noise-aware loss
+# ----------------------------------------------------------------------------
+def segmentation_loss(cfg, total_steps: int, semi_key: str | None = None):
+  """Stage-3 loss (`bana.loss`): as the official code, the logits and cosines
+  are upsampled (bilinear, align_corners=True) to the crop and the loss is
+  computed at full resolution (reference/bana.md 5.6).  With `semi_key`,
+  images that carry ground truth use it as both Y_crf and Y_ret."""
+  def loss_fn(outputs, batch, context: LossContext):
+    size = batch[schema.IMAGE].shape[1:3]
+    logits = resize_bilinear(outputs['logits'], size, align_corners=True)
+    cosines = resize_bilinear(outputs['cosines'], size, align_corners=True)
+    y_crf = batch[Y_CRF].astype(jnp.int32)
+    y_ret = batch[Y_RET].astype(jnp.int32)
+    if semi_key is not None:
+      truth = batch[semi_key].astype(jnp.int32)
+      labelled = jnp.any(truth != schema.IGNORE_LABEL, axis=(1, 2))
+      y_crf = jnp.where(labelled[:, None, None], truth, y_crf)
+      y_ret = jnp.where(labelled[:, None, None], truth, y_ret)
+    return bana_losses.baseline_loss(
+        cfg.loss, logits, cosines, y_crf, y_ret, step=context.step,
+        total_steps=total_steps, lam=float(cfg.lam), gamma=float(cfg.gamma),
+        sigma_gradient=bool(cfg.compat.nal_sigma_gradient))
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------
+def _label_quality(rt: Runtime, folder: str) -> dict[str, Any]:
+  """Pseudo-label mIoU on the train split (255 = unlabelled, not scored)."""
+  quality = metrics.evaluate_label_folder(
+      folder, rt.dataset.source(rt.train_split, decode_images=False),
+      rt.class_names, pred_ignore_label=schema.IGNORE_LABEL)
+  quality.pop('confusion', None)
+  return quality
+
+
+def _classifier_stages(rt: Runtime, prefix: str, pooling: str
+                       ) -> list[Stage]:
+  """Stage 1 and stage 2 for one pooling ('bap' or 'gap')."""
+  config = classifier_config(rt.config, pooling)
+  rt1 = dataclasses.replace(rt, config=config)
+  model = segmentation.build_segmenter(rt1)
+  name = f'{prefix}classifier'
+
+  def train(context, stage_dir):
+    return segmentation.train_segmenter(
+        rt1, stage_dir, model=model, name=name,
+        loss_fn=classifier_loss(config.bana), validate=False)
+
+  def labels(context, stage_dir):
+    _, variables = segmentation.load_trained(
+        rt1, os.path.join(context.workdir, name, segmentation.MODEL_FILE),
+        model)
+    options = bana_generate.LabelOptions.from_config(config)
+    folders = {key: LabelFolder(os.path.join(stage_dir, key))
+               for key in (Y_CRF, Y_RET, bana_generate.AGREEMENT)}
+    generation = {}
+    if mesh_lib.is_primary():
+      index = rt.dataset.index(rt.train_split)
+      generation = bana_generate.generate(
+          rt.dataset.source(rt.train_split), index.image_ids, index.heights,
+          index.widths, variables,
+          bana_generate.make_passes(model, rt.normalization, options),
+          options, folders, workers=int(rt.config.eval.crf_workers))
+    mesh_lib.barrier(f'bana-labels-{stage_dir}')
+    quality = {key: _label_quality(rt, folder.root)
+               for key, folder in folders.items()}
+    return {'generation': json_safe(generation), 'quality': quality}
+
+  return [
+      Stage(name, train, outputs=(segmentation.MODEL_FILE,),
+            description=f'stage 1: the Labeler with {pooling.upper()}'),
+      Stage(f'{prefix}labels', labels,
+            outputs=(Y_CRF, Y_RET, bana_generate.AGREEMENT),
+            description=f'stage 2: Y_crf and Y_ret from the '
+            f'{pooling.upper()} Labeler'),
+  ]
+
+
+def pipeline(rt: Runtime) -> MethodPipeline:
+  """The stages of `config.bana.variant`."""
+  cfg = rt.config.bana
+  if cfg.loss not in bana_losses.LOSS_KINDS:
+    raise ValueError(f'bana.loss={cfg.loss!r}: expected one of '
+                     f'{bana_losses.LOSS_KINDS}.')
+  if cfg.pooling not in ('bap', 'gap'):
+    raise ValueError(f"bana.pooling={cfg.pooling!r}: expected 'bap' or "
+                     "'gap'.")
+  stages = _classifier_stages(rt, '', cfg.pooling)
+  if cfg.compare_gap and cfg.pooling == 'bap':
+    stages += _classifier_stages(rt, 'gap_', 'gap')
+  folders = {Y_CRF: os.path.join('labels', Y_CRF),
+             Y_RET: os.path.join('labels', Y_RET)}
+  semi = cfg.variant == 'semi'
+  if semi:
+    def semi_labels(context, stage_dir):
+      return segmentation.make_partial_label_folder(
+          rt, os.path.join(stage_dir, 'labels'), cfg.semi_fraction,
+          workers=int(rt.config.eval.crf_workers))
+    stages.append(Stage('semi_labels', semi_labels, outputs=('labels',),
+                        description='ground truth for the labelled share'))
+    folders[SEMI_KEY] = os.path.join('semi_labels', 'labels')
+  model = segmentation.build_segmenter(rt)
+  num_steps = int(rt.config.train.num_steps)
+
+  def train(context, stage_dir):
+    return segmentation.train_segmenter(
+        rt, stage_dir, model=model, name='train',
+        loss_fn=segmentation_loss(cfg, num_steps, SEMI_KEY if semi else None),
+        label_folders={key: os.path.join(context.workdir, path)
+                       for key, path in folders.items()})
+  stages.append(Stage('train', train, outputs=(segmentation.MODEL_FILE,),
+                      description=f'stage 3: segmentation with {cfg.loss}'))
+
+  def evaluate(context, stage_dir):
+    _, variables = segmentation.load_trained(
+        rt, os.path.join(context.workdir, 'train', segmentation.MODEL_FILE),
+        model)
+    scores = segmentation.evaluate_model(
+        rt, stage_dir, model, variables,
+        num_train_examples=rt.config.report.num_examples)
+    if rt.config.eval.crf:
+      plain = rt.config.copy_and_resolve_references()
+      plain.eval.update(crf=False, save_predictions=False)
+      no_crf = segmentation.evaluate_model(
+          dataclasses.replace(rt, config=plain), stage_dir, model, variables)
+      scores['without_crf'] = {k: no_crf[k] for k in
+                               ('miou', 'pixel_acc', 'per_class_iou')
+                               if k in no_crf}
+    return scores
+  stages.append(Stage('evaluate', evaluate,
+                      description='multi-scale + flip, with and without CRF'))
+
+  from wsss_jax.methods import bana_report  # pylint: disable=g-import-not-at-top
+  return MethodPipeline(
+      stages, eval_stage='evaluate', train_stages=tuple(
+          s.name for s in stages if s.name.endswith('classifier')
+          or s.name == 'train'),
+      pseudo_stage='labels', pseudo_folder=folders[Y_CRF],
+      extra_results=functools.partial(_extra_results, cfg.pooling),
+      report_section=functools.partial(bana_report.report_section, rt))
+
+
+def _extra_results(pooling: str, by_stage: dict[str, dict[str, Any]]
+                   ) -> dict[str, Any]:
+  """Table 1's pseudo-label rows ({'bap'|'gap': {'y_crf', 'y_ret',
+  'agreement' mIoU, 'agreement_coverage_pct'}}) and stage-2 throughput."""
+  out: dict[str, Any] = {'pseudo_labels': {}}
+  for stage, name in (('labels', pooling), ('gap_labels', 'gap')):
+    result = by_stage.get(stage)
+    if not result:
+      continue
+    quality = result.get('quality', {})
+    row = {key: quality[key]['miou'] for key in quality}
+    if bana_generate.AGREEMENT in quality:
+      row['agreement_coverage_pct'] = 100.0 - float(
+          quality[bana_generate.AGREEMENT].get('unlabeled_pct', 0.0))
+    out['pseudo_labels'][name] = row
+    if stage == 'labels':
+      out['label_generation'] = result.get('generation', {})
+  evaluation = by_stage.get('evaluate', {})
+  if 'without_crf' in evaluation:
+    out['val_miou_without_crf'] = evaluation['without_crf']['miou']
+  return out
+
