@@ -117,18 +117,10 @@ def _voc(config, resnet: bool):
 
 
 def get_config(arg=None):
-  tokens = [t for t in (arg or '').split(',') if t]
-  variants = [t for t in tokens if t in VARIANTS]
-  settings = [t for t in tokens if t in SETTINGS]
-  switches = [t for t in tokens if t in SWITCHES]
-  unknown = [t for t in tokens if t not in (*VARIANTS, *SETTINGS, *SWITCHES)]
-  if unknown or len(variants) > 1 or len(settings) > 1:
-    raise ValueError(f'configs/bana.py:{arg}: expected at most one of '
-                     f'{tuple(VARIANTS)}, at most one of {SETTINGS} and '
-                     f'optionally {SWITCHES}.')
-  variant = variants[0] if variants else 'nal'
-  config = defaults.base_config('bana', method='bana',
-                                variant=','.join(tokens))
+  picked = defaults.split_config_arg(arg, 'bana.py', variant=tuple(VARIANTS),
+                                     setting=SETTINGS, switch=SWITCHES)
+  variant, setting = picked['variant'] or 'nal', picked['setting']
+  config = defaults.base_config('bana', method='bana', variant=arg or '')
   config.bana = bana_section(variant)
   # The GrabCut-hard family: on the main family a CRF with box constraints
   # alone segments the objects (GrabCut 85.7 mIoU), so the Labeler's CAMs and
@@ -148,19 +140,19 @@ def get_config(arg=None):
                                      gauss_compat=3.0, bilateral_sxy=121.0,
                                      bilateral_srgb=5.0,
                                      bilateral_compat=4.0))
-  if settings == ['tiny']:
+  if setting == 'tiny':
     defaults.tiny_preset(config)
     config.bana.update(classifier_steps=2, label_batch_size=4)
-  elif settings == ['voc']:
+  elif setting == 'voc':
     _voc(config, resnet=False)
-  elif settings == ['voc_resnet']:
+  elif setting == 'voc_resnet':
     _voc(config, resnet=True)
-  if settings and settings[0].startswith('voc'):
+  if setting in ('voc', 'voc_resnet'):
     if config.model.backbone == 'resnet101_deeplab':
       config.model.update(aspp_classifier=VARIANTS[variant][1],
                           head='aspp_v2')
     else:
       config.model.head = VARIANTS[variant][1]
-  if switches:
+  if picked['switch']:
     _official_code(config)
   return config

@@ -91,16 +91,11 @@ def _voc(config):
 
 
 def get_config(arg=None):
-  tokens = [t for t in (arg or '').split(',') if t]
-  variants = [t for t in tokens if t in VARIANTS]
-  presets = [t for t in tokens if t in PRESETS]
-  unknown = [t for t in tokens if t not in VARIANTS + PRESETS]
-  if unknown or len(variants) > 1 or len(presets) > 1:
-    raise ValueError(f'configs/box2seg.py:{arg}: expected at most one of '
-                     f'{VARIANTS} and one of {PRESETS}.')
-  variant = variants[0] if variants else 'box2seg'
+  picked = defaults.split_config_arg(arg, 'box2seg.py', variant=VARIANTS,
+                                     preset=PRESETS)
+  variant, preset = picked['variant'] or 'box2seg', picked['preset']
   config = defaults.base_config('box2seg', method='box2seg',
-                                variant=','.join(tokens))
+                                variant=arg or '')
   config.box2seg = box2seg_section(variant)
   # The GrabCut-hard family: on the main family GrabCut's M scores 85.7 mIoU
   # (VOC: 71.6), leaving L_AW nothing to correct; with a background "support"
@@ -109,11 +104,11 @@ def get_config(arg=None):
   # Benchmark budget (<= 5 min on 2 CPU cores): the decoder at 1/4 resolution
   # costs ~1.7x the plain network's step, so 600 steps instead of 700.
   config.train.num_steps = 600
-  if presets == ['tiny']:
+  if preset == 'tiny':
     defaults.tiny_preset(config)
     config.box2seg.update(pretrain_steps=2, finetune_steps=2, aw_warmup_steps=1,
                           decoder_channels=8, branch_channels=8, embed_dim=4)
-  elif presets == ['voc']:
+  elif preset == 'voc':
     _voc(config)
   config.optim.head_modules = ('decoder', 'head', 'attention_head',
                                'embedding_head')

@@ -297,6 +297,26 @@ PRESETS = {
 }
 
 
+def split_config_arg(arg: str | None, config_file: str,
+                     **groups: tuple[str, ...]) -> dict[str, str | None]:
+  """Splits a config file's 'a,b,c' argument into at most one token per
+  group, e.g. `split_config_arg('ce_only,voc', 'bana.py', variant=(...),
+  setting=(...))` -> {'variant': 'ce_only', 'setting': 'voc'} (None for a
+  group not named).  Unknown tokens, or two of one group, raise ValueError."""
+  tokens = [t for t in (arg or '').split(',') if t]
+  picked = {name: [t for t in tokens if t in allowed]
+            for name, allowed in groups.items()}
+  known = {t for allowed in groups.values() for t in allowed}
+  if any(t not in known for t in tokens) or any(
+      len(found) > 1 for found in picked.values()):
+    raise ValueError(f'configs/{config_file}:{arg}: expected at most one of '
+                     + ', at most one of '.join(
+                         str(tuple(allowed)) for allowed in groups.values())
+                     + '.')
+  return {name: found[0] if found else None
+          for name, found in picked.items()}
+
+
 def apply_variant(config: ConfigDict, variant: str, allowed=None) -> ConfigDict:
   """Applies the preset named `variant` (clear error for unknown names)."""
   allowed = tuple(allowed if allowed is not None else PRESETS)
