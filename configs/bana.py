@@ -128,12 +128,17 @@ def get_config(arg=None):
   config.data = defaults.shapes_data('hard')
   config.model.update(head=VARIANTS[variant][1], head_bias=False,
                       cosine_temperature=config.bana.temperature)
+  # Benchmark (Adam): the classifier at the backbone's learning rate.  With
+  # the DeepLab 10x the cosine classifier's directions move slowly once Adam's
+  # fixed-size steps have grown its norm: 57.9 against 62.0 val mIoU
+  # (RESULTS.md §8).  The voc settings keep the SGD groups of the code.
+  config.optim.lr_mult.update(head_weight=1.0, head_bias=1.0)
   # Benchmark evaluation as the official code (multi-scale × flip, cosines
   # averaged: τ·cos logits, so averaging logits is the same, then the CRF),
   # with scales matched to the benchmark's training scales U(0.75, 1.25)
   # (the code's 0.5-1.5 match its U(0.5, 1.5) augmentation, used by `voc`;
   # on the from-scratch benchmark that augmentation and colour jitter cost
-  # ~10 mIoU in the step budget, RESULTS.md §8).
+  # 4 mIoU in the step budget, RESULTS.md §8).
   config.eval.update(scales=(0.75, 1.0, 1.25), flip=True,
                      fusion='mean_logits', align_corners=True, crf=True,
                      crf_params=dict(iterations=10, gauss_sxy=3.0,

@@ -264,3 +264,38 @@ def test_pool_rejects_bad_arguments():
 def test_params_are_frozen():
   with pytest.raises(dataclasses.FrozenInstanceError):
     crf.CrfParams().iterations = 3  # type: ignore[misc]
+
+
+def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  script = tmp_path / 'parent.py'
+  script.write_text(
+      'import time\n'
+      'from wsss_jax.host import pool\n'
+      'if __name__ == "__main__":\n'
+      '  p = pool.HostPool(abs, workers=1)\n'
+      '  p.__enter__()\n'
+      '  p.submit(-1)\n'
+      '  list(p.drain())\n'
+      '  print("started", flush=True)\n'
+      '  print(list(p._executor._processes)[0], flush=True)\n'
+      '  time.sleep(60)\n')
+  parent = subprocess.Popen([sys.executable, str(script)],
+                            stdout=subprocess.PIPE, text=True)
+  parent.stdout.readline()
+  worker = int(parent.stdout.readline())
+  os.kill(worker, 0)                         # alive while the parent lives
+  parent.send_signal(signal.SIGKILL)
+  parent.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    try:
+      os.kill(worker, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.2)
+  os.kill(worker, signal.SIGKILL)
+  raise AssertionError('pool worker outlived its killed parent')

@@ -26,14 +26,38 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import multiprocessing
+import os
 import pickle
+import threading
+import time
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 import tqdm
 
 T = TypeVar('T')
 R = TypeVar('R')
+
+
+def _exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+  """Worker watchdog: exits this process once `parent_pid` is gone.
+
+  A killed parent (SIGKILL, a crashed run) never shuts its executor down, and
+  idle 'spawn' workers would otherwise live on as orphans.
+  """
+  while os.getppid() == parent_pid:
+    time.sleep(poll_seconds)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _start_worker(parent_pid: int,
+                  initializer: Callable[[], Any] | None) -> None:
+  """Worker initializer: the parent watchdog, then the user's initializer."""
+  threading.Thread(target=_exit_with_parent, args=(parent_pid,),
+                   daemon=True).start()
+  if initializer is not None:
+    initializer()
 
 
 class WorkerError(RuntimeError):
@@ -111,7 +135,8 @@ class HostPool(Generic[T, R]):
       self._executor = concurrent.futures.ProcessPoolExecutor(
           max_workers=self.workers,
           mp_context=multiprocessing.get_context('spawn'),
-          initializer=self._initializer)
+          initializer=functools.partial(_start_worker, os.getpid(),
+                                        self._initializer))
     elif self._initializer is not None:
       self._initializer()
     self._bar = tqdm.tqdm(total=self._total, desc=self.desc,
