@@ -160,3 +160,13 @@ def test_mismatched_checkpoint_raises_and_keeps_files(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
   assert ckpt.all_steps() == [2]
   ckpt.close()
+
+
+def test_abstract_and_concrete_states_share_the_optimiser(tmp_path):
+  # The step is compiled on the abstract state while the concrete one is
+  # initialised; jit reuses that executable only if both states have the same
+  # static fields, and the optimiser compares by identity.
+  job = _job(tmp_path)
+  assert job.abstract_state().tx is job.init_state().tx
+  _, summary = loop.train(job)
+  assert summary['steps_this_session'] == 6

@@ -16,6 +16,7 @@ from wsss_jax.data import boxes as box_lib
 from wsss_jax.data import registry
 from wsss_jax.data import schema
 from wsss_jax.data.shapes import builder
+from wsss_jax.data.shapes import encode
 from wsss_jax.data.shapes import geometry
 from wsss_jax.data.shapes import render
 
@@ -266,7 +267,8 @@ def test_registry_reads_back_exactly_what_the_renderer_draws(tmp_path, family,
         render.image_id(family, split, i) for i in range(count))
     assert np.all(index.heights == 32) and np.all(index.widths == 32)
     for i in range(count):
-      got, want = source[i], builder.render_indexed(config, split, i)
+      got = source[i]
+      want = encode.render_indexed(encode.RenderSettings.of(config), split, i)
       assert got.keys() == want.keys()
       assert got[schema.IMAGE_ID] == want[schema.IMAGE_ID]
       for key in (schema.IMAGE, schema.MASK, schema.BOXES,
@@ -288,6 +290,23 @@ config = defaults.shapes_data()
 config.shapes.update(image_size=32, num_train=6, num_val=2, seed=3)
 builder.prepare(builder.make_builder(config, sys.argv[1]))
 """
+
+
+def test_workers_render_the_same_bytes_in_the_same_order():
+  settings = encode.RenderSettings(image_size=32, num_classes=6, min_objects=1,
+                                   max_objects=4, seed=5, family='hard')
+  count = 120                          # three pool items, the last one short
+  inline = list(encode.encode_split(settings, 'train', count, workers=0))
+  pooled = list(encode.encode_split(settings, 'train', count, workers=2))
+  assert len(pooled) == count
+  assert [e[schema.IMAGE_ID] for e in pooled] == [
+      render.image_id('hard', 'train', i) for i in range(count)]
+  for a, b in zip(inline, pooled):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+  assert encode.default_workers(encode.MIN_EXAMPLES_FOR_WORKERS - 1) == 0
+  assert encode.default_workers(10_000) >= 1
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):

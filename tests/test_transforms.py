@@ -438,3 +438,31 @@ def test_grain_pipeline_is_deterministic():
       np.testing.assert_array_equal(a[key], b[key])
   assert any(not np.array_equal(a[schema.IMAGE], b[schema.IMAGE])
              for a, b in zip(first, other))
+
+
+def test_one_grain_worker_gives_the_batches_of_none_and_resumes(tmp_path):
+  # The benchmark default input.worker_count=1 must not change what is
+  # trained on: same batches as inline loading, and a restorable state.
+  from wsss_jax.data import pipeline, registry  # pylint: disable=g-import-not-at-top
+  data_config = defaults.shapes_data('main')
+  data_config.data_dir = str(tmp_path)
+  data_config.shapes.update(image_size=32, num_train=24, num_val=4)
+  source = registry.open_dataset(data_config).source('train')
+  transform = T.TrainTransform.from_config(
+      defaults.input_pipeline(crop_size=32, batch_size=4), num_foreground=6,
+      image_pad_value=(0, 0, 0))
+
+  def batches(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+  inline = batches(iter(pipeline.train_loader(source, transform, 4, 7, 0)), 8)
+  pooled_iter = iter(pipeline.train_loader(source, transform, 4, 7, 1))
+  pooled = batches(pooled_iter, 5)
+  state = pooled_iter.get_state()
+  resumed_iter = iter(pipeline.train_loader(source, transform, 4, 7, 1))
+  resumed_iter.set_state(state)
+  pooled += batches(resumed_iter, 3)
+  for a, b in zip(inline, pooled, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

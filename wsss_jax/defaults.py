@@ -87,7 +87,10 @@ def input_pipeline(crop_size: int = 112, batch_size: int = 16) -> ConfigDict:
       color_jitter=0.0,          # f ~ U(1 - s, 1 + s) for brightness/contrast/saturation
       pad_mode='bottom_right',   # or 'symmetric' (BANA)
       max_boxes=16,
-      worker_count=0,
+      # grain decoding/augmentation processes.  One takes that work off the
+      # thread that dispatches the steps (~3 % faster on 2 CPU cores) and
+      # gives the same batches as 0; more workers give a different order.
+      worker_count=1,
       normalization='',          # '' -> from model.weights_source
   ))
 
@@ -207,6 +210,7 @@ def evaluation() -> ConfigDict:
                       bilateral_sxy=67.0, bilateral_srgb=3.0,
                       bilateral_compat=4.0),
       crf_workers=2,
+      worker_count=0,            # grain decoding processes (each start ~3 s)
       max_images=0,              # 0 = the whole split
       save_predictions=True,
   ))
@@ -239,7 +243,8 @@ def base_config(name: str, method: str, variant: str = '') -> ConfigDict:
 def tiny_preset(config: ConfigDict) -> ConfigDict:
   """Seconds-long end-to-end runs for tests: 32-px images, 2 steps."""
   config.data.shapes.update(image_size=32, num_train=8, num_val=4)
-  config.input.update(crop_size=32, batch_size=4, max_boxes=8)
+  config.input.update(crop_size=32, batch_size=4, max_boxes=8,
+                      worker_count=0)
   config.model.update(width=0.0625, fc_dim=16)
   config.train.update(num_steps=2, log_every=1, checkpoint_every=1,
                       eval_every=0, eval_max_images=4)
@@ -263,7 +268,8 @@ def voc_preset(config: ConfigDict) -> ConfigDict:
   config.optim = sgd_deeplab(lr=1e-3)
   config.train.update(num_steps=23805, log_every=20, checkpoint_every=1000,
                       eval_every=5000, eval_max_images=300)
-  config.eval.update(batch_size=8, bucket_size=504, crf_workers=8)
+  config.eval.update(batch_size=8, bucket_size=504, crf_workers=8,
+                     worker_count=4)
   return config
 
 

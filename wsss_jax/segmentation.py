@@ -44,6 +44,9 @@ def make_label_folder(rt: Runtime, folder: str,
                       workers: int = 0) -> dict[str, Any]:
   """Writes `label_fn(example)` for every training image as `<id>.png`.
 
+  `workers` processes compute the maps (0: inline, the right choice for
+  cheap functions such as box filling, whose cost is decoding and writing).
+
   Resumable (existing files are skipped); returns generation stats plus the
   pseudo-mask scores against the ground truth of the training split
   ('quality'; pixels a label map leaves at 255 are not scored).
@@ -206,7 +209,7 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
                                   _single_scale(config.eval),
                                   rt.normalization, rt.mesh,
                                   rt.compute_dtype,
-                                  config.input.worker_count)
+                                  config.eval.worker_count)
   job = loop.TrainingJob(
       name=name, stage_dir=stage_dir, init_state=init_state,
       abstract_state=lambda: state_lib.abstract_train_state(
@@ -262,7 +265,7 @@ def evaluate_model(rt: Runtime, stage_dir: str, model, variables,
   config = rt.config
   evaluator = inference.Evaluator(model, rt.dataset, rt.val_split,
                                   config.eval, rt.normalization, rt.mesh,
-                                  rt.compute_dtype, config.input.worker_count)
+                                  rt.compute_dtype, config.eval.worker_count)
   out_dir = os.path.join(stage_dir, 'predictions', rt.val_split)
   scores = evaluator(variables, max_images=config.eval.max_images,
                      out_dir=out_dir if config.eval.save_predictions

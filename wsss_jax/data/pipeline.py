@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import Any, Iterator, Mapping
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -95,6 +96,18 @@ class Subset:
     return f'Subset({self._source!r}, {self._size})'
 
 
+def _grain_workers(worker_count: int) -> int:
+  """`worker_count`, after making grain's worker processes startable here.
+
+  grain reads absl flags when it starts workers; outside an absl app (a
+  notebook, pytest) they are unparsed and grain raises, so they are marked
+  parsed (their defaults).
+  """
+  if worker_count > 0 and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return int(worker_count)
+
+
 def train_loader(source, transform: TrainTransform, batch_size: int,
                  seed: int, worker_count: int = 0) -> grain.DataLoader:
   """An infinite, shuffled, checkpointable loader of augmented batches.
@@ -110,7 +123,7 @@ def train_loader(source, transform: TrainTransform, batch_size: int,
       data_source=source, sampler=sampler,
       operations=[transform,
                   grain.transforms.Batch(per_process, drop_remainder=True)],
-      worker_count=int(worker_count))
+      worker_count=_grain_workers(worker_count))
 
 
 @dataclasses.dataclass
@@ -142,7 +155,7 @@ def eval_batches(source, transform: EvalTransform, batch_size: int,
           shuffle=False, num_epochs=1, seed=0),
       operations=[transform,
                   grain.transforms.Batch(per_process, drop_remainder=False)],
-      worker_count=int(worker_count)) if len(mine) else []
+      worker_count=_grain_workers(worker_count)) if len(mine) else []
   last = None
   produced = 0
   for batch in loader:

@@ -235,9 +235,9 @@ def pipeline(rt: Runtime) -> MethodPipeline:
   stages: list[Stage] = []
 
   def box_labels(context, stage_dir):
+    # Inline: filling boxes is cheaper than sending images to workers.
     return segmentation.make_label_folder(
-        rt, os.path.join(stage_dir, 'labels'), grabcut.box_fill_example,
-        workers=host_workers)
+        rt, os.path.join(stage_dir, 'labels'), grabcut.box_fill_example)
   stages.append(Stage('box_labels', box_labels, outputs=('labels',),
                       description='box-filled masks B (quality report)'))
 

@@ -11,10 +11,12 @@ data order and rng as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -93,23 +95,60 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+@contextlib.contextmanager
+def _compiling_in_background(train_step: Callable, abstract_state: Any,
+                             batch: dict[str, Any]) -> Iterator[None]:
+  """Compiles `train_step` for (state, batch) in a thread during the block.
+
+  A fresh stage's initialisation (Flax `init` runs op by op, compiling each
+  op) and the step's XLA compilation are both single-threaded: side by side
+  they take the longer of the two instead of the sum (~8 s less per stage
+  on 2 CPU cores).  jit's executable cache is shared with ahead-of-time
+  compilation, so the first `train_step` call reuses it and nothing about
+  the computation changes.  A failure here is left for that call to raise.
+  """
+  abstract_batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      batch)
+
+  def compile_step():
+    try:
+      train_step.lower(abstract_state, abstract_batch).compile()
+    except Exception:  # pylint: disable=broad-except
+      log.debug('background compilation failed; the first step will '
+                'compile (and raise)', exc_info=True)
+
+  thread = threading.Thread(target=compile_step, name='compile-train-step',
+                            daemon=True)
+  thread.start()
+  yield                   # an exception here leaves the daemon thread be
+  thread.join()
+
+
 def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
   """Runs (or resumes) a training stage; returns (final state, summary)."""
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(job.stage_dir, 'checkpoints'), keep=job.keep_checkpoints)
+  prepare_start = time.time()
+  first_batch = None
   try:
     data_iter = job.make_data_iter()
-    restored = checkpointer.restore_latest(job.abstract_state(), data_iter)
+    abstract_state = job.abstract_state()
+    restored = checkpointer.restore_latest(abstract_state, data_iter)
     meta: dict[str, Any] = {}
     if restored is not None:
       state, meta, restored_step = restored
       log.info('[%s] resumed from checkpoint step %d', job.name,
                restored_step)
     else:
-      state = job.init_state()
+      first_batch = mesh_lib.device_batch(next(data_iter), job.mesh)
+      with _compiling_in_background(job.train_step, abstract_state,
+                                    first_batch):
+        state = job.init_state()
   except BaseException:
     checkpointer.close()
     raise
+  prepare_seconds = time.time() - prepare_start
   history = history_lib.History(job.stage_dir, job.name, meta.get('history'))
   start_step = int(jax.device_get(state.step))
   pending: list[tuple[int, dict[str, Any]]] = []
@@ -150,11 +189,14 @@ def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
   with _SigtermFlag() as sigterm:
     try:
       while step < job.num_steps:
-        batch = mesh_lib.device_batch(next(data_iter), job.mesh)
+        if first_batch is not None:
+          batch, first_batch = first_batch, None
+        else:
+          batch = mesh_lib.device_batch(next(data_iter), job.mesh)
         state, metrics = job.train_step(state, batch)
         step += 1
         pending.append((step, metrics))
-        if step == start_step + 1:  # includes compilation
+        if step == start_step + 1:  # includes any compilation left
           jax.block_until_ready(metrics)
           first_step_seconds = time.time() - session_start
         done = step == job.num_steps
@@ -191,6 +233,7 @@ def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
       'resumed_from_step': start_step if restored is not None else None,
       'steps_this_session': steps_run,
       'session_seconds': round(session_seconds, 2),
+      'prepare_seconds': round(prepare_seconds, 2),
       'first_step_seconds': round(first_step_seconds, 2),
       'images_per_second': (
           round(job.images_per_step * (steps_run - 1) / steady_seconds, 2)

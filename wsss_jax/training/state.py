@@ -7,6 +7,7 @@ sharding (big_vision), so nothing is materialised on one device first.
 from __future__ import annotations
 
 from typing import Any
+import weakref
 
 import flax
 import jax
@@ -44,11 +45,33 @@ def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]
           'batch_stats': variables.get('batch_stats', {})}
 
 
+# make_tx -> {parameter tree structure: transformation}.
+_OPTIMIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _optimizer(make_tx, params) -> optax.GradientTransformation:
+  """`make_tx(params)`, built once per (make_tx, tree structure).
+
+  The transformation is a static field of TrainState and compares by
+  identity: states from separate calls (the abstract one used for restore
+  and for compiling the step, the concrete one) must share it, or jit sees
+  different pytrees and compiles the step again.
+  """
+  try:
+    by_structure = _OPTIMIZERS.setdefault(make_tx, {})
+  except TypeError:                      # not weak-referenceable: no reuse
+    return make_tx(params)
+  structure = jax.tree.structure(params)
+  if structure not in by_structure:
+    by_structure[structure] = make_tx(params)
+  return by_structure[structure]
+
+
 def _state_fn(model, make_tx, image_shape):
   def init_fn(init_rng, train_rng, variables):
     if variables is None:
       variables = init_variables(model, init_rng, image_shape)
-    tx = make_tx(variables['params'])
+    tx = _optimizer(make_tx, variables['params'])
     return TrainState(step=jnp.zeros((), jnp.int32),
                       params=variables['params'],
                       batch_stats=variables.get('batch_stats', {}),

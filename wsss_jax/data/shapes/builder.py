@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 from absl import logging as absl_logging
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
 from wsss_jax.data import schema
+from wsss_jax.data.shapes import encode
 from wsss_jax.data.shapes import render
 
 # config.data.name -> render family.
@@ -89,6 +89,14 @@ class WsssShapes(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [shapes_config(family=family)
                      for family in render.FAMILIES]
 
+  def __init__(self, *, config: ShapesConfig | str | None = None, **kwargs):
+    # tfds insists that a config named like a registered one *is* that
+    # object; unpickling a builder (grain worker processes) brings a copy.
+    if isinstance(config, ShapesConfig):
+      registered = {c.name: c for c in self.BUILDER_CONFIGS}
+      config = registered.get(config.name, config)
+    super().__init__(config=config, **kwargs)
+
   def is_prepared(self) -> bool:
     # tfds logs a warning for a missing variant folder; a cold cache is normal.
     return os.path.isdir(self.data_dir) and super().is_prepared()
@@ -122,44 +130,8 @@ class WsssShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str,
                          count: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    for index in range(count):
-      yield index, encode_example(self.builder_config, split, index)
-
-
-def render_indexed(config: ShapesConfig, split: str,
-                   index: int) -> dict[str, Any]:
-  """Decoded example `index` of `split` (schema layout, image_id included)."""
-  rng = render.example_rng(config.seed, config.family, split, index)
-  example = render.render_example(rng, config.image_size, config.num_classes,
-                                  config.min_objects, config.max_objects,
-                                  config.family)
-  example[schema.IMAGE_ID] = render.image_id(config.family, split, index)
-  return example
-
-
-def encode_example(config: ShapesConfig, split: str,
-                   index: int) -> dict[str, Any]:
-  """The tfds feature dict of one example (PNG bytes for image and mask)."""
-  example = render_indexed(config, split, index)
-  example[schema.IMAGE] = _png_bytes(example[schema.IMAGE])
-  example[schema.MASK] = _png_bytes(example[schema.MASK])
-  return example
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-  """PNG of a uint8 (H, W, 3) RGB or (H, W) mode-'L' array.
-
-  Encoded here rather than by tfds (which would get a PIL image) only to set
-  zlib level 1: PIL's default level 6 costs +3 ms per example at 128 px
-  (about +55 % preparation time) for files only ~14 % smaller.  uint8 (H, W) gives mode 'L', never a palette PNG (palettes
-  decode as colours under OpenCV, jax_conventions.md 7.2).
-  """
-  image = Image.fromarray(array)
-  if image.mode not in ('RGB', 'L'):
-    raise ValueError(f'Expected an RGB or L image, got mode {image.mode!r}.')
-  buffer = io.BytesIO()
-  image.save(buffer, format='png', compress_level=1)
-  return buffer.getvalue()
+    settings = encode.RenderSettings.of(self.builder_config)
+    yield from enumerate(encode.encode_split(settings, split, count))
 
 
 def make_builder(data_config, data_dir: str) -> WsssShapes:
@@ -173,9 +145,6 @@ def make_builder(data_config, data_dir: str) -> WsssShapes:
       num_train=params.num_train, num_val=params.num_val,
       min_objects=params.min_objects, max_objects=params.max_objects,
       seed=params.seed, family=FAMILY_OF_DATASET[data_config.name])
-  # tfds insists that a config named like a registered one *is* that object.
-  registered = {c.name: c for c in WsssShapes.BUILDER_CONFIGS}
-  config = registered.get(config.name, config)
   with _quiet():
     return WsssShapes(config=config, data_dir=data_dir,
                       file_format='array_record')
