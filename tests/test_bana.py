@@ -110,6 +110,7 @@ def test_semi_images_train_on_their_ground_truth():
 
 def test_three_stages_end_to_end_skip_and_resume(tmp_path):
   config = load_config('tiny')
+  config.bana.gap_label_images = 5       # of the 8 training images
   workdir = str(tmp_path / 'run')
   results = run.train_and_evaluate(config, workdir)
   names = [s['name'] for s in results['stages']]
@@ -117,9 +118,13 @@ def test_three_stages_end_to_end_skip_and_resume(tmp_path):
                    'train', 'evaluate']
   assert results['training']['classifier']['steps'] == 2
   pseudo = results['bana']['pseudo_labels']
-  for pooling in ('bap', 'gap'):
+  for pooling in ('bap', 'gap', 'bap_on_gap_images'):
     for key in ('y_crf', 'y_ret', 'agreement'):
       assert 0 <= pseudo[pooling][key] <= 100
+  assert pseudo['bap']['images'] == 8
+  assert pseudo['gap']['images'] == pseudo['bap_on_gap_images']['images'] == 5
+  assert len(LabelFolder(os.path.join(workdir, 'gap_labels', bana.Y_CRF))
+             .existing_ids()) == 5
   generation = results['bana']['label_generation']
   assert generation['written'] == config.data.shapes.num_train
   assert np.isfinite(results['val']['miou'])

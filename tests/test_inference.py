@@ -133,3 +133,26 @@ def test_evaluator_scores_a_constant_prediction_exactly(crf, tmp_path):
   assert scores['miou'] == pytest.approx(expected_miou)
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       f'shapes_val_{i:06d}.png' for i in range(5)]
+
+
+def test_crf_evaluation_also_scores_its_input_like_a_plain_evaluation():
+  dataset = _tiny_dataset()
+  model = ColourModel()
+  variables = _variables(model, 32)
+  scores = {}
+  for crf in (False, True):
+    config = defaults.evaluation()
+    config.update(batch_size=2, crf=crf, crf_workers=0, scales=(0.75, 1.0),
+                  flip=True)
+    scores[crf] = inference.Evaluator(
+        model, dataset, 'val', config, 'imagenet', mesh_lib.make_mesh())(
+            variables, progress=False)
+  assert 'without_crf' not in scores[False]
+  plain = scores[True]['without_crf']
+  assert plain['miou'] == pytest.approx(scores[False]['miou'], abs=1e-9)
+  names = sorted(plain['per_class_iou'])
+  np.testing.assert_allclose(
+      [plain['per_class_iou'][n] for n in names],
+      [scores[False]['per_class_iou'][n] for n in names], atol=1e-9)
+  # ... and the CRF's own scores are a different measurement.
+  assert scores[True]['miou'] != pytest.approx(plain['miou'], abs=1e-9)

@@ -165,6 +165,9 @@ class Evaluator:
       source = pipeline.Subset(source, max_images)
     num_classes = self.dataset.num_classes
     conf = np.zeros((num_classes, num_classes), np.int64)
+    # With the CRF, the argmax of its input is scored too ('without_crf'):
+    # the with/without comparison costs no second forward pass.
+    plain_conf = conf.copy() if self.crf_params else None
     pending = collections.deque()   # (image_id, gt) awaiting their labels
     if out_dir:
       os.makedirs(out_dir, exist_ok=True)
@@ -194,12 +197,14 @@ class Evaluator:
             schema.IMAGE]}, self.mesh)[schema.IMAGE]
         outputs = self.predict(variables, images)   # async dispatch
         if in_flight is not None:
-          for label in self._host_items(pool, *in_flight, pending):
+          for label in self._host_items(pool, *in_flight, pending,
+                                        plain_conf):
             consume(label)
             bar.update(1)
         in_flight = (batch, outputs)
       if in_flight is not None:
-        for label in self._host_items(pool, *in_flight, pending):
+        for label in self._host_items(pool, *in_flight, pending,
+                                      plain_conf):
           consume(label)
           bar.update(1)
       for label in pool.drain():
@@ -211,12 +216,20 @@ class Evaluator:
       conf = np.asarray(multihost_utils.process_allgather(conf)).sum(0)
       num_images = int(np.asarray(
           multihost_utils.process_allgather(np.int64(num_images))).sum())
+      if plain_conf is not None:
+        plain_conf = np.asarray(
+            multihost_utils.process_allgather(plain_conf)).sum(0)
     result = metrics.scores(conf, self.dataset.class_names)
     result['num_images'] = num_images
+    if plain_conf is not None:
+      plain = metrics.scores(plain_conf, self.dataset.class_names)
+      result['without_crf'] = {key: plain[key] for key in
+                               ('miou', 'pixel_acc', 'per_class_iou')}
     return result
 
-  def _host_items(self, pool, batch, outputs, pending):
-    """Crops each real example of a finished batch and submits it."""
+  def _host_items(self, pool, batch, outputs, pending, plain_conf=None):
+    """Crops each real example of a finished batch and submits it; scores
+    the argmax of the CRF's input into `plain_conf` when given."""
     outputs = _local(outputs)
     data = batch.data
     for i in range(batch.count):
@@ -225,9 +238,13 @@ class Evaluator:
       gt = data[schema.MASK][i, :height, :width]
       pending.append((str(data[schema.IMAGE_ID][i]), gt))
       if self.crf_params:
+        probs = outputs[i, :height, :width]
+        if plain_conf is not None:
+          np.add(plain_conf, metrics.confusion_matrix(
+              gt, np.argmax(probs, -1).astype(np.uint8),
+              self.dataset.num_classes), out=plain_conf)
         item = (np.ascontiguousarray(data[schema.IMAGE][i, :height, :width]),
-                np.ascontiguousarray(
-                    np.moveaxis(outputs[i, :height, :width], -1, 0)))
+                np.ascontiguousarray(np.moveaxis(probs, -1, 0)))
       else:
         item = outputs[i, :height, :width]
       yield from pool.submit(item)

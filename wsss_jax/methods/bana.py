@@ -128,18 +128,27 @@ def segmentation_loss(cfg, total_steps: int, semi_key: str | None = None):
 # ----------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------
-def _label_quality(rt: Runtime, folder: str) -> dict[str, Any]:
-  """Pseudo-label mIoU on the train split (255 = unlabelled, not scored)."""
+def _label_quality(rt: Runtime, folder: str,
+                   max_images: int = 0) -> dict[str, Any]:
+  """Pseudo-label mIoU on the (first `max_images` of the) train split (255 =
+  unlabelled, not scored)."""
   quality = metrics.evaluate_label_folder(
       folder, rt.dataset.source(rt.train_split, decode_images=False),
-      rt.class_names, pred_ignore_label=schema.IGNORE_LABEL)
+      rt.class_names, pred_ignore_label=schema.IGNORE_LABEL,
+      max_images=max_images, progress=False)
   quality.pop('confusion', None)
   return quality
 
 
-def _classifier_stages(rt: Runtime, prefix: str, pooling: str
+def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
+                       label_images: int = 0, compare_images: int = 0
                        ) -> list[Stage]:
-  """Stage 1 and stage 2 for one pooling ('bap' or 'gap')."""
+  """Stage 1 and stage 2 for one pooling ('bap' or 'gap').
+
+  Stage 2 labels the first `label_images` training images (0: all); with
+  `compare_images` it also scores its labels on the first that many images
+  ('quality_on_first', the images a subset-labelled GAP run has).
+  """
   config = classifier_config(rt.config, pooling)
   rt1 = dataclasses.replace(rt, config=config)
   model = segmentation.build_segmenter(rt1)
@@ -160,15 +169,22 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str
     generation = {}
     if mesh_lib.is_primary():
       index = rt.dataset.index(rt.train_split)
+      count = label_images or len(index.image_ids)
       generation = bana_generate.generate(
-          rt.dataset.source(rt.train_split), index.image_ids, index.heights,
-          index.widths, variables,
+          rt.dataset.source(rt.train_split), index.image_ids[:count],
+          index.heights[:count], index.widths[:count], variables,
           bana_generate.make_passes(model, rt.normalization, options),
           options, folders, workers=int(rt.config.eval.crf_workers))
     mesh_lib.barrier(f'bana-labels-{stage_dir}')
-    quality = {key: _label_quality(rt, folder.root)
-               for key, folder in folders.items()}
-    return {'generation': json_safe(generation), 'quality': quality}
+    result = {'generation': json_safe(generation), 'quality': {
+        key: _label_quality(rt, folder.root, label_images)
+        for key, folder in folders.items()}}
+    if compare_images:
+      result['quality_on_first'] = {
+          'images': compare_images, **{
+              key: _label_quality(rt, folder.root, compare_images)
+              for key, folder in folders.items()}}
+    return result
 
   return [
       Stage(name, train, outputs=(segmentation.MODEL_FILE,),
@@ -189,9 +205,11 @@ def pipeline(rt: Runtime) -> MethodPipeline:
   if cfg.pooling not in ('bap', 'gap'):
     raise ValueError(f"bana.pooling={cfg.pooling!r}: expected 'bap' or "
                      "'gap'.")
-  stages = _classifier_stages(rt, '', cfg.pooling)
-  if cfg.compare_gap and cfg.pooling == 'bap':
-    stages += _classifier_stages(rt, 'gap_', 'gap')
+  compare = bool(cfg.compare_gap) and cfg.pooling == 'bap'
+  gap_images = int(cfg.gap_label_images) if compare else 0
+  stages = _classifier_stages(rt, '', cfg.pooling, compare_images=gap_images)
+  if compare:
+    stages += _classifier_stages(rt, 'gap_', 'gap', label_images=gap_images)
   folders = {Y_CRF: os.path.join('labels', Y_CRF),
              Y_RET: os.path.join('labels', Y_RET)}
   semi = cfg.variant == 'semi'
@@ -219,18 +237,10 @@ def pipeline(rt: Runtime) -> MethodPipeline:
     _, variables = segmentation.load_trained(
         rt, os.path.join(context.workdir, 'train', segmentation.MODEL_FILE),
         model)
-    scores = segmentation.evaluate_model(
+    # With the CRF on, the scores include 'without_crf' (same forward pass).
+    return segmentation.evaluate_model(
         rt, stage_dir, model, variables,
         num_train_examples=rt.config.report.num_examples)
-    if rt.config.eval.crf:
-      plain = rt.config.copy_and_resolve_references()
-      plain.eval.update(crf=False, save_predictions=False)
-      no_crf = segmentation.evaluate_model(
-          dataclasses.replace(rt, config=plain), stage_dir, model, variables)
-      scores['without_crf'] = {k: no_crf[k] for k in
-                               ('miou', 'pixel_acc', 'per_class_iou')
-                               if k in no_crf}
-    return scores
   stages.append(Stage('evaluate', evaluate,
                       description='multi-scale + flip, with and without CRF'))
 
@@ -249,16 +259,25 @@ def _extra_results(pooling: str, by_stage: dict[str, dict[str, Any]]
   """Table 1's pseudo-label rows ({'bap'|'gap': {'y_crf', 'y_ret',
   'agreement' mIoU, 'agreement_coverage_pct'}}) and stage-2 throughput."""
   out: dict[str, Any] = {'pseudo_labels': {}}
+
+  def row(quality):
+    values = {key: quality[key]['miou'] for key in quality
+              if isinstance(quality[key], dict)}
+    if bana_generate.AGREEMENT in quality:
+      values['agreement_coverage_pct'] = 100.0 - float(
+          quality[bana_generate.AGREEMENT].get('unlabeled_pct', 0.0))
+    values['images'] = quality.get(Y_CRF, {}).get('num_images')
+    return values
+
   for stage, name in (('labels', pooling), ('gap_labels', 'gap')):
     result = by_stage.get(stage)
     if not result:
       continue
-    quality = result.get('quality', {})
-    row = {key: quality[key]['miou'] for key in quality}
-    if bana_generate.AGREEMENT in quality:
-      row['agreement_coverage_pct'] = 100.0 - float(
-          quality[bana_generate.AGREEMENT].get('unlabeled_pct', 0.0))
-    out['pseudo_labels'][name] = row
+    out['pseudo_labels'][name] = row(result.get('quality', {}))
+    if 'quality_on_first' in result:
+      # The same images as the GAP labels: Table 1's comparison.
+      out['pseudo_labels'][f'{name}_on_gap_images'] = row(
+          result['quality_on_first'])
     if stage == 'labels':
       out['label_generation'] = result.get('generation', {})
   evaluation = by_stage.get('evaluate', {})
