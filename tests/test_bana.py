@@ -131,6 +131,9 @@ def test_three_stages_end_to_end_skip_and_resume(tmp_path):
   assert 'val_miou_without_crf' in results['bana']
   report = open(os.path.join(workdir, 'report.md')).read()
   assert 'Pseudo-labels (BANA' in report and 'unreliable' in report
+  assert 'Pseudo-label quality (BANA Table 1)' in report
+  assert 'BAP (the GAP images) | 5 |' in report
+  assert results['pseudo']['miou'] == pytest.approx(pseudo['bap']['y_crf'])
   # Every label stage is resumable: delete two files, rerun the pipeline
   # with the label stage's marker removed; only those two are rewritten.
   folder = LabelFolder(os.path.join(workdir, 'labels', bana.Y_CRF))

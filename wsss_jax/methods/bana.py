@@ -250,6 +250,7 @@ def pipeline(rt: Runtime) -> MethodPipeline:
           s.name for s in stages if s.name.endswith('classifier')
           or s.name == 'train'),
       pseudo_stage='labels', pseudo_folder=folders[Y_CRF],
+      pseudo_quality_key=Y_CRF,
       extra_results=functools.partial(_extra_results, cfg.pooling),
       report_section=functools.partial(bana_report.report_section, rt))
 

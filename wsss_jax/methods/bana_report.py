@@ -5,6 +5,7 @@ unreliable region ~S where they disagree."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -27,15 +28,50 @@ def _heatmap(values: np.ndarray) -> np.ndarray:
   return (cm.viridis(np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
 
 
+def _fmt(value) -> str:
+  return '–' if value is None else f'{value:.1f}'
+
+
+def _label_table(workdir: str) -> list[str]:
+  """Table 1 of the run (pseudo-label mIoU on train) and val without CRF,
+  from `<workdir>/results.json`."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    results = json.load(f).get('bana', {})
+  rows = results.get('pseudo_labels', {})
+  lines = ['## Pseudo-label quality (BANA Table 1)', '',
+           'mIoU on the training images against the ground truth; the '
+           'agreement map is scored where Y_crf and Y_ret agree.', '',
+           '| Labeler | images | Y_crf | Y_ret | agreement (coverage) |',
+           '| --- | --- | --- | --- | --- |']
+  names = {'bap': 'BAP', 'bap_on_gap_images': 'BAP (the GAP images)',
+           'gap': 'GAP'}
+  for key, name in names.items():
+    row = rows.get(key)
+    if not row:
+      continue
+    lines.append(
+        f"| {name} | {row.get('images', '–')} | {_fmt(row.get('y_crf'))} | "
+        f"{_fmt(row.get('y_ret'))} | {_fmt(row.get('agreement'))} "
+        f"({_fmt(row.get('agreement_coverage_pct'))} %) |")
+  if results.get('val_miou_without_crf') is not None:
+    lines += ['', f"Val mIoU without the CRF: "
+              f"{results['val_miou_without_crf']:.1f}."]
+  return lines + ['']
+
+
 def report_section(rt: Runtime, workdir: str) -> list[str]:
   """Markdown lines with the figure table; images under `<workdir>/report/`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from wsss_jax.methods import bana  # pylint: disable=g-import-not-at-top
 
+  lines = _label_table(workdir)
   count = min(int(rt.config.report.num_examples), 4)
   model_file = os.path.join(workdir, 'classifier', segmentation.MODEL_FILE)
   if not count or not os.path.exists(model_file):
-    return []
+    return lines
   config = bana.classifier_config(rt.config, rt.config.bana.pooling)
   rt1 = dataclasses.replace(rt, config=config)
   model, variables = segmentation.load_trained(rt1, model_file)
@@ -55,7 +91,7 @@ def report_section(rt: Runtime, workdir: str) -> list[str]:
              for key in (bana_generate.Y_CRF, bana_generate.Y_RET)}
   out_dir = os.path.join(workdir, 'report')
   os.makedirs(out_dir, exist_ok=True)
-  lines = ['## Pseudo-labels (BANA Figs. 4-5)', '',
+  lines += ['## Pseudo-labels (BANA Figs. 4-5)', '',
            'Per training image: the CAM u_c (Eq. 5, max over the box '
            'classes), the background attention u_0 (Eq. 7: 1 outside the '
            'boxes, the 0.99·max cut inside), Y_crf, Y_ret, and the unreliable '

@@ -19,6 +19,8 @@ class MethodPipeline:
     pseudo_stage: the stage whose results hold the 'quality' of the
       pseudo-masks the final network trained on (None: no pseudo-masks).
     pseudo_folder: that label folder, relative to the workdir.
+    pseudo_quality_key: when that stage scores several folders
+      ('quality' = {name: scores}), the one `pseudo_folder` holds.
     extra_results: optional `(results by stage name) -> dict`, stored under
       results.json[method] (method-specific numbers).
     report_section: optional `(workdir) -> list of markdown lines` appended
@@ -30,5 +32,6 @@ class MethodPipeline:
   train_stages: tuple[str, ...]
   pseudo_stage: str | None = None
   pseudo_folder: str | None = None
+  pseudo_quality_key: str | None = None
   extra_results: Callable[[dict[str, Any]], dict[str, Any]] | None = None
   report_section: Callable[[str], list[str]] | None = None

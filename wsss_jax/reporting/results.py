@@ -48,7 +48,10 @@ def assemble(rt: Runtime, pipeline: MethodPipeline,
   evaluation = by_name.get(pipeline.eval_stage, {})
   pseudo = None
   if pipeline.pseudo_stage:
-    pseudo = _scores(by_name.get(pipeline.pseudo_stage, {}).get('quality'))
+    quality = by_name.get(pipeline.pseudo_stage, {}).get('quality') or {}
+    if pipeline.pseudo_quality_key:
+      quality = quality.get(pipeline.pseudo_quality_key)
+    pseudo = _scores(quality)
     if pseudo is not None:
       pseudo['split'] = rt.train_split
   val = _scores(evaluation)
