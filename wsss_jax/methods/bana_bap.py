@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from wsss_jax.losses import safe_mean, softmax_cross_entropy
+from wsss_jax.ops import boxes as box_ops
 
 _EPS = 1e-12
 _HI = lax.Precision.HIGHEST
@@ -68,16 +69,9 @@ def background_mask(boxes: jax.Array, box_labels: jax.Array,
   Returns:
     (B, H, W) bool M.
   """
-  height, width = valid.shape[1], valid.shape[2]
-  boxes = boxes.astype(jnp.float32)
-  real = _real_boxes(box_labels)
-  cy = jnp.arange(height, dtype=jnp.float32) + 0.5
-  cx = jnp.arange(width, dtype=jnp.float32) + 0.5
-  in_y = ((cy >= boxes[..., 1:2]) & (cy < boxes[..., 3:4])
-          & real[..., None]).astype(jnp.float32)            # (B, N, H)
-  in_x = ((cx >= boxes[..., 0:1]) & (cx < boxes[..., 2:3])
-          & real[..., None]).astype(jnp.float32)            # (B, N, W)
-  covered = jnp.einsum('bnh,bnw->bhw', in_y, in_x, precision=_HI) > 0.5
+  in_y, in_x = box_ops.centre_membership(boxes, box_labels, valid.shape[1:3])
+  covered = jnp.einsum('bnh,bnw->bhw', in_y.astype(jnp.float32),
+                       in_x.astype(jnp.float32), precision=_HI) > 0.5
   return valid.astype(bool) & ~covered
 
 

@@ -54,6 +54,7 @@ import numpy as np
 from jax import lax
 
 from wsss_jax.methods.box2seg_losses import l2_normalize
+from wsss_jax.ops import boxes as box_ops
 from wsss_jax.ops.resize import resize_bilinear
 
 _EPS = 1e-12
@@ -86,14 +87,8 @@ def box_coverage(boxes: jax.Array, box_labels: jax.Array,
                  image_hw: tuple[int, int]) -> jax.Array:
   """(B, N, H, W) bool: pixel centres inside each real box (padded rows and
   boxes without a pixel centre cover nothing)."""
-  height, width = int(image_hw[0]), int(image_hw[1])
-  boxes = jnp.asarray(boxes, jnp.float32)
-  rows = jnp.arange(height, dtype=jnp.float32) + 0.5
-  cols = jnp.arange(width, dtype=jnp.float32) + 0.5
-  in_y = ((rows >= boxes[..., 1:2]) & (rows < boxes[..., 3:4]))  # (B, N, H)
-  in_x = ((cols >= boxes[..., 0:1]) & (cols < boxes[..., 2:3]))  # (B, N, W)
-  real = (jnp.asarray(box_labels) >= 1)[..., None, None]
-  return in_y[..., :, None] & in_x[..., None, :] & real
+  in_y, in_x = box_ops.centre_membership(boxes, box_labels, image_hw)
+  return in_y[..., :, None] & in_x[..., None, :]
 
 
 def class_box_masks(boxes: jax.Array, box_labels: jax.Array,
@@ -106,17 +101,10 @@ def class_box_masks(boxes: jax.Array, box_labels: jax.Array,
   ignored.  Computed separably (rows × columns × one-hot), no (B, N, H, W, C)
   intermediate.
   """
-  height, width = int(image_hw[0]), int(image_hw[1])
-  boxes = jnp.asarray(boxes, jnp.float32)
   labels = jnp.asarray(box_labels, jnp.int32)
-  rows = jnp.arange(height, dtype=jnp.float32) + 0.5
-  cols = jnp.arange(width, dtype=jnp.float32) + 0.5
-  in_y = ((rows >= boxes[..., 1:2]) & (rows < boxes[..., 3:4])).astype(
-      jnp.float32)
-  in_x = ((cols >= boxes[..., 0:1]) & (cols < boxes[..., 2:3])).astype(
-      jnp.float32)
+  in_y, in_x = box_ops.centre_membership(boxes, labels, image_hw)
+  in_y, in_x = in_y.astype(jnp.float32), in_x.astype(jnp.float32)
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  onehot = onehot * (labels >= 1)[..., None]
   # Cover counts per class: exact small integers.
   yc = jnp.einsum('bnh,bnc->bnhc', in_y, onehot)
   counts = jnp.einsum('bnhc,bnw->bhwc', yc, in_x, precision=_HI)

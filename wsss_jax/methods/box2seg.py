@@ -31,6 +31,7 @@ from wsss_jax.host import grabcut
 from wsss_jax.methods import box2seg_losses as L
 from wsss_jax.methods import box2seg_model
 from wsss_jax.methods.base import MethodPipeline
+from wsss_jax.ops import boxes as box_ops
 from wsss_jax.runtime import Runtime
 from wsss_jax.stages import Stage
 from wsss_jax.training.step import LossContext
@@ -59,12 +60,9 @@ def box_labels_on_grid(boxes: jax.Array, box_labels: jax.Array,
     grid: (h, w) output cells; image_size: (H, W) input pixels.
   """
   (h, w), (height, width) = grid, image_size
-  cy = (jnp.arange(h) + 0.5) * (height / h)
-  cx = (jnp.arange(w) + 0.5) * (width / w)
   x0, y0, x1, y1 = (boxes[..., k] for k in range(4))
   real = box_labels >= 1
-  in_y = (cy >= y0[..., None]) & (cy < y1[..., None])            # (B, N, h)
-  in_x = (cx >= x0[..., None]) & (cx < x1[..., None])            # (B, N, w)
+  in_y, in_x = box_ops.centre_membership(boxes, box_labels, grid, image_size)
   cover = in_y[..., :, None] & in_x[..., None, :]                # (B, N, h, w)
   own_row = jnp.clip(jnp.floor((y0 + y1) / 2 * h / height), 0, h - 1)
   own_col = jnp.clip(jnp.floor((x0 + x1) / 2 * w / width), 0, w - 1)
