@@ -181,9 +181,8 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
         for key, folder in folders.items()}}
     if compare_images:
       result['quality_on_first'] = {
-          'images': compare_images, **{
-              key: _label_quality(rt, folder.root, compare_images)
-              for key, folder in folders.items()}}
+          key: _label_quality(rt, folder.root, compare_images)
+          for key, folder in folders.items()}
     return result
 
   return [
@@ -262,8 +261,7 @@ def _extra_results(pooling: str, by_stage: dict[str, dict[str, Any]]
   out: dict[str, Any] = {'pseudo_labels': {}}
 
   def row(quality):
-    values = {key: quality[key]['miou'] for key in quality
-              if isinstance(quality[key], dict)}
+    values = {key: scores['miou'] for key, scores in quality.items()}
     if bana_generate.AGREEMENT in quality:
       values['agreement_coverage_pct'] = 100.0 - float(
           quality[bana_generate.AGREEMENT].get('unlabeled_pct', 0.0))

@@ -119,7 +119,8 @@ def create_train_state(model, make_tx, rng: jax.Array,
 
 
 def abstract_state(state: TrainState) -> TrainState:
-  """ShapeDtypeStructs (with shardings) of a state, for checkpoint restore."""
+  """ShapeDtypeStructs (with shardings) of a state, for checkpoint restore,
+  or of any pytree of arrays (e.g. a device batch, to compile a step for)."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       state)
