@@ -18,7 +18,7 @@ import numpy as np
 from wsss_jax import run
 from wsss_jax.data import registry, schema
 from wsss_jax.data.label_png import LabelFolder
-from wsss_jax.methods import bana_generate
+from wsss_jax.methods.bana import generate as bana_generate
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bana', 'A BANA run.')
 _CONFIG = flags.DEFINE_string('config', 'configs/bana.py', 'Its config.')

@@ -21,7 +21,8 @@ import numpy as np
 
 from wsss_jax import run
 import timing  # experiments/timing.py (this script's folder is on sys.path)
-from wsss_jax.methods import box2seg, box2seg_model
+from wsss_jax.methods.box2seg import model as box2seg_model
+from wsss_jax.methods.box2seg import objective as box2seg
 from wsss_jax.training import mesh as mesh_lib, optim
 from wsss_jax.training import state as state_lib, step as step_lib
 

@@ -58,13 +58,22 @@ def make_label_folder(rt: Runtime, folder: str,
         source, LabelFolder(folder), label_fn, workers=workers,
         image_ids=rt.dataset.index(rt.train_split).image_ids)
   mesh_lib.barrier(f'labels-{folder}')
-  # Pseudo-labels may leave pixels unlabelled (255): scored on the rest,
-  # with their share reported as 'unlabeled_pct'.
+  return {'generation': json_safe(stats),
+          'quality': label_quality(rt, folder, progress=True)}
+
+
+def label_quality(rt: Runtime, folder: str, max_images: int = 0,
+                  progress: bool = False) -> dict[str, Any]:
+  """Scores of a label folder against the training split's ground truth
+  (its first `max_images` images; 0: all).  Pseudo-labels may leave pixels
+  unlabelled (255): they are scored on the rest, with the unlabelled share
+  reported as 'unlabeled_pct'."""
   quality = metrics.evaluate_label_folder(
       folder, rt.dataset.source(rt.train_split, decode_images=False),
-      rt.class_names, pred_ignore_label=schema.IGNORE_LABEL)
+      rt.class_names, pred_ignore_label=schema.IGNORE_LABEL,
+      max_images=max_images, progress=progress)
   quality.pop('confusion', None)
-  return {'generation': json_safe(stats), 'quality': quality}
+  return quality
 
 
 def _partial_ground_truth(example: dict[str, Any],

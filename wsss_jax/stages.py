@@ -118,3 +118,42 @@ def run_stages(stages: list[Stage], context: StageContext
     context.results[stage.name] = record['results']
     records.append(record)
   return records
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabels:
+  """The pseudo-masks the final network trained on, for results.json's
+  'pseudo' scores and the report's example grid.
+
+  Attributes:
+    stage: the stage whose results hold their 'quality' scores.
+    folder: the label folder, relative to the workdir.
+    key: when that stage scores several folders ('quality' = {name:
+      scores}), the one `folder` holds; None when 'quality' is one score set.
+  """
+  stage: str
+  folder: str
+  key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPipeline:
+  """A method's stages plus the names the report and results.json need.
+
+  Attributes:
+    stages: run in order by `run_stages`.
+    eval_stage: the stage whose results are the final validation scores.
+    train_stages: stages whose results hold a training 'history' (plots).
+    pseudo: the pseudo-masks the final network trained on (None: none).
+    extra_results: optional `(results by stage name) -> dict`, stored under
+      results.json[method] (method-specific numbers).
+    report_section: optional `(results.json dict) -> markdown lines`
+      appended to report.md; figures come from the stages' own results
+      (see `wsss_jax.reporting.figures`), so a section only formats data.
+  """
+  stages: list[Stage]
+  eval_stage: str
+  train_stages: tuple[str, ...]
+  pseudo: PseudoLabels | None = None
+  extra_results: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+  report_section: Callable[[dict[str, Any]], list[str]] | None = None

@@ -151,3 +151,22 @@ def boxes_from_instances(instance_map: np.ndarray, class_map: np.ndarray,
     labels.append(int(np.bincount(classes).argmax()))
   return (np.asarray(boxes, np.int32).reshape(-1, 4),
           np.asarray(labels, np.int32).reshape(-1))
+
+
+def pad_boxes(boxes: np.ndarray, labels: np.ndarray,
+              count: int) -> tuple[np.ndarray, np.ndarray]:
+  """An image's real boxes (label >= 1) in `count` fixed rows, the batch
+  layout of the device passes: float32 (count, 4) boxes (padded rows 0) and
+  int32 (count,) labels (padded rows -1).  `count` must be at least the
+  number of real boxes."""
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  labels = np.asarray(labels, np.int32).reshape(-1)
+  keep = labels >= 1
+  boxes, labels = boxes[keep], labels[keep]
+  if len(labels) > count:
+    raise ValueError(f'pad_boxes: {len(labels)} boxes do not fit in {count} '
+                     'rows.')
+  out_boxes = np.zeros((count, 4), np.float32)
+  out_labels = np.full((count,), -1, np.int32)
+  out_boxes[:len(boxes)], out_labels[:len(labels)] = boxes, labels
+  return out_boxes, out_labels

@@ -18,7 +18,8 @@ from PIL import Image
 from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder, overlay
 from wsss_jax.data.pipeline import Subset
-from wsss_jax.methods.base import MethodPipeline
+from wsss_jax.reporting import figures
+from wsss_jax.stages import MethodPipeline
 from wsss_jax.runtime import Runtime
 
 REPORT_DIR = 'report'
@@ -43,33 +44,6 @@ def describe_protocol(protocol: dict[str, Any] | None) -> str:
           f"{'with' if protocol.get('crf') else 'no'} CRF")
 
 
-def plot_history(history: dict[str, Any], title: str, path: str) -> bool:
-  """Training loss and periodic validation mIoU against the step (PNG)."""
-  train = history.get('train', [])
-  if not train:
-    return False
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-  steps = [row['step'] for row in train]
-  ax.plot(steps, [row['loss'] for row in train], color='tab:blue',
-          label='train loss')
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss', color='tab:blue')
-  val = history.get('val', [])
-  if val:
-    ax2 = ax.twinx()
-    ax2.plot([row['step'] for row in val], [row['miou'] for row in val],
-             'o-', color='tab:orange', label='val mIoU')
-    ax2.set_ylabel('val mIoU (%)', color='tab:orange')
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return True
-
-
 def _save_png(path: str, array: np.ndarray) -> str:
   Image.fromarray(array).save(path)
   return path
@@ -82,8 +56,8 @@ def _example_rows(rt: Runtime, workdir: str, pipeline: MethodPipeline,
   of relative image paths (input, gt, pseudo or None, prediction or None)."""
   source = Subset(rt.dataset.source(split), count)
   predictions = LabelFolder(os.path.join(predictions_root, split))
-  pseudo = (LabelFolder(os.path.join(workdir, pipeline.pseudo_folder))
-            if pipeline.pseudo_folder and split == rt.train_split else None)
+  pseudo = (LabelFolder(os.path.join(workdir, pipeline.pseudo.folder))
+            if pipeline.pseudo and split == rt.train_split else None)
   rows = []
   for i in range(len(source)):
     example = source[i]
@@ -157,7 +131,7 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
   for stage in pipeline.train_stages:
     history = by_name.get(stage, {}).get('history', {})
     path = os.path.join(out_dir, f'curve_{stage}.png')
-    if plot_history(history, f'{name} / {stage}', path):
+    if figures.plot_history(history, f'{name} / {stage}', path):
       lines.append(f'![{stage}]({os.path.relpath(path, workdir)})')
       summary = by_name.get(stage, {})
       lines.append('')
@@ -175,8 +149,12 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
       rows = _example_rows(rt, workdir, pipeline, predictions_root, split,
                            count, out_dir)
       lines += [f'### {split}', ''] + _image_table(rows) + ['']
+  for record in records:
+    table = (record['results'] or {}).get(figures.FIGURES_KEY)
+    if table:
+      lines += [''] + figures.render_table(table)
   if pipeline.report_section is not None:
-    lines += [''] + pipeline.report_section(workdir)
+    lines += [''] + pipeline.report_section(results)
   path = os.path.join(workdir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from wsss_jax import config_checks
-from wsss_jax.methods.base import MethodPipeline
+from wsss_jax.stages import MethodPipeline
 from wsss_jax.runtime import Runtime
 
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
@@ -47,10 +47,10 @@ def assemble(rt: Runtime, pipeline: MethodPipeline,
   by_name = {record['name']: record['results'] for record in records}
   evaluation = by_name.get(pipeline.eval_stage, {})
   pseudo = None
-  if pipeline.pseudo_stage:
-    quality = by_name.get(pipeline.pseudo_stage, {}).get('quality') or {}
-    if pipeline.pseudo_quality_key:
-      quality = quality.get(pipeline.pseudo_quality_key)
+  if pipeline.pseudo:
+    quality = by_name.get(pipeline.pseudo.stage, {}).get('quality') or {}
+    if pipeline.pseudo.key:
+      quality = quality.get(pipeline.pseudo.key)
     pseudo = _scores(quality)
     if pseudo is not None:
       pseudo['split'] = rt.train_split

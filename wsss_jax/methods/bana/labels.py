@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from wsss_jax.methods.box2seg_losses import l2_normalize
+from wsss_jax.ops.features import l2_normalize
 from wsss_jax.ops import boxes as box_ops
 from wsss_jax.ops.resize import resize_bilinear
 

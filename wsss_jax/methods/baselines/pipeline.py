@@ -16,9 +16,8 @@ import os
 from wsss_jax import segmentation
 from wsss_jax.data import schema
 from wsss_jax.host import grabcut
-from wsss_jax.methods.base import MethodPipeline
 from wsss_jax.runtime import Runtime
-from wsss_jax.stages import Stage
+from wsss_jax.stages import MethodPipeline, PseudoLabels, Stage
 
 PSEUDO_KEY = 'pseudo'
 
@@ -70,4 +69,4 @@ def box_baseline(rt: Runtime) -> MethodPipeline:
       _evaluate_stage(rt, 'train'),
   ]
   return MethodPipeline(stages, eval_stage='evaluate', train_stages=('train',),
-                        pseudo_stage='box_labels', pseudo_folder=labels)
+                        pseudo=PseudoLabels('box_labels', labels))

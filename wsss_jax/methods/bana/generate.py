@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wsss_jax.data import boxes as box_rows
 from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.host import crf as crf_lib
 from wsss_jax.host import pool as pool_lib
-from wsss_jax.methods import bana_labels
+from wsss_jax.methods.bana import labels as bana_labels
 from wsss_jax.ops import image as image_ops
 
 log = logging.getLogger(__name__)
@@ -111,18 +112,6 @@ def crf_labels(item: tuple[np.ndarray, np.ndarray, np.ndarray],
       .astype(np.uint8)
 
 
-def _pad_boxes(boxes: np.ndarray, labels: np.ndarray,
-               count: int) -> tuple[np.ndarray, np.ndarray]:
-  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-  labels = np.asarray(labels, np.int32).reshape(-1)
-  keep = labels >= 1
-  boxes, labels = boxes[keep], labels[keep]
-  out_boxes = np.zeros((count, 4), np.float32)
-  out_labels = np.full((count,), -1, np.int32)
-  out_boxes[:len(boxes)], out_labels[:len(labels)] = boxes, labels
-  return out_boxes, out_labels
-
-
 def generate(source, image_ids, heights, widths, variables, passes,
              options: LabelOptions, folders: dict[str, LabelFolder],
              workers: int) -> dict[str, Any]:
@@ -196,7 +185,7 @@ def generate(source, image_ids, heights, widths, variables, passes,
         # Fixed batch shape: the last example repeats (its results dropped).
         padded = examples + [examples[-1]] * (options.batch_size - len(chunk))
         images = np.stack([e[schema.IMAGE] for e in padded])
-        boxes, labels = map(np.stack, zip(*[_pad_boxes(
+        boxes, labels = map(np.stack, zip(*[box_rows.pad_boxes(
             e[schema.BOXES], e[schema.BOX_LABELS], count) for e in padded]))
         tick = time.perf_counter()
         probs, class_masks, no_background = jax.device_get(first(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsss_jax.methods import bana_losses as L
+from wsss_jax.methods.bana import losses as L
 
 # One image, 1x4 pixels, C = 3 classes:
 #   p0: Y_crf = Y_ret = 0           -> S

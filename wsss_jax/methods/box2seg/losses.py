@@ -20,15 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from wsss_jax.losses import safe_mean
+from wsss_jax.ops.features import l2_normalize
 
-_EPS = 1e-12
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-  """x / max(‖x‖, 1e-12) along the last axis (F.normalize), with a finite
-  gradient at x = 0 (the norm's own gradient is NaN there)."""
-  squared = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * lax.rsqrt(jnp.maximum(squared, _EPS * _EPS))
 
 
 def _per_image_mean_ce(log_y: jax.Array, target: jax.Array,

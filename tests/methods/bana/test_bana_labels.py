@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsss_jax.methods import bana_labels as B
+from wsss_jax.methods.bana import labels as B
 from wsss_jax.ops.resize import resize_bilinear
 
 E1, E2, E3 = np.eye(3, dtype=np.float32)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsss_jax.methods import bana_bap as bap
+from wsss_jax.methods.bana import bap
 
 # Jitted once per shape and static setting: eager op-by-op dispatch is slow.
 _forward = jax.jit(bap.bap_forward, static_argnames=(

@@ -10,7 +10,8 @@ import pytest
 
 from wsss_jax import run
 from wsss_jax.data.label_png import LabelFolder
-from wsss_jax.methods import bana
+from wsss_jax.methods.bana import objective
+from wsss_jax.methods.bana import pipeline as bana
 from wsss_jax.training.step import LossContext
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +51,8 @@ def test_official_code_switches_and_stage1_learning_rates():
   assert compat.u_c_normalisation == 'per_box'
   assert compat.stage2_map_resolution == 'upsample_features'
   assert compat.nal_sigma_gradient
-  stage1_paper = bana.classifier_config(paper, 'bap')
-  stage1_code = bana.classifier_config(code, 'bap')
+  stage1_paper = objective.classifier_config(paper, 'bap')
+  stage1_code = objective.classifier_config(code, 'bap')
   assert stage1_paper.optim.lr == pytest.approx(1e-4)
   assert stage1_code.optim.lr == pytest.approx(1e-3)
   assert stage1_code.train.num_steps == 8000
@@ -61,7 +62,7 @@ def test_official_code_switches_and_stage1_learning_rates():
     assert stage1.optim.schedule == 'step'
     assert stage1.optim.lr_mult.head_weight == 10.0
   # The DeepLab-v2 setting keeps a VGG16 Labeler.
-  stage1_resnet = bana.classifier_config(load_config('voc_resnet'), 'bap')
+  stage1_resnet = objective.classifier_config(load_config('voc_resnet'), 'bap')
   assert stage1_resnet.model.backbone == 'vgg16_largefov'
 
 
@@ -81,12 +82,12 @@ def test_stage3_loss_upsamples_to_the_crop_and_reports_nal_terms():
   cos = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
   outputs = {'logits': 20.0 * cos, 'cosines': cos}
   context = LossContext(jnp.asarray(0), jax.random.PRNGKey(0), None)
-  loss, metrics = bana.segmentation_loss(cfg, 10)(outputs, _batch(), context)
+  loss, metrics = objective.segmentation_loss(cfg, 10)(outputs, _batch(), context)
   assert np.isfinite(float(loss))
   assert {'ce', 'wce', 'reliable_fraction'} <= set(metrics)
   assert 0 < float(metrics['reliable_fraction']) < 1
   # ce_only ignores the disagreement region entirely.
-  ce_loss, _ = bana.segmentation_loss(
+  ce_loss, _ = objective.segmentation_loss(
       load_config('ce_only').bana, 10)(outputs, _batch(), context)
   assert float(ce_loss) == pytest.approx(float(metrics['ce']), rel=1e-5)
 
@@ -100,9 +101,9 @@ def test_semi_images_train_on_their_ground_truth():
   cos = jnp.zeros((2, 4, 4, 3), jnp.float32).at[..., 1].set(0.9)
   outputs = {'logits': 20.0 * cos, 'cosines': cos}
   context = LossContext(jnp.asarray(0), jax.random.PRNGKey(0), None)
-  _, metrics = bana.segmentation_loss(cfg, 10, bana.SEMI_KEY)(
+  _, metrics = objective.segmentation_loss(cfg, 10, bana.SEMI_KEY)(
       outputs, batch, context)
-  _, plain = bana.segmentation_loss(cfg, 10)(outputs, _batch(), context)
+  _, plain = objective.segmentation_loss(cfg, 10)(outputs, _batch(), context)
   # Image 0 is all-reliable class 1 now: more agreement than without it.
   assert float(metrics['reliable_fraction']) > float(
       plain['reliable_fraction'])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from wsss_jax.methods import box2seg_losses as L
+from wsss_jax.methods.box2seg import losses as L
 
 
 def _onehot(labels, num):

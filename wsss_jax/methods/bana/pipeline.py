@@ -26,130 +26,37 @@ import functools
 import os
 from typing import Any
 
-import jax.numpy as jnp
 
-from wsss_jax import defaults, segmentation
+from wsss_jax import segmentation
 from wsss_jax.atomic import json_safe
-from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder
-from wsss_jax.evaluation import metrics
-from wsss_jax.methods import bana_bap, bana_generate, bana_losses
-from wsss_jax.methods.base import MethodPipeline
-from wsss_jax.ops.resize import resize_bilinear
+from wsss_jax.methods.bana import objective
+from wsss_jax.methods.bana import generate as bana_generate
+from wsss_jax.methods.bana import losses as bana_losses
+from wsss_jax.methods.bana import report as bana_report
+from wsss_jax.reporting import figures
 from wsss_jax.runtime import Runtime
-from wsss_jax.stages import Stage
+from wsss_jax.stages import MethodPipeline, PseudoLabels, Stage
 from wsss_jax.training import mesh as mesh_lib
-from wsss_jax.training.step import LossContext
 
 Y_CRF, Y_RET = bana_generate.Y_CRF, bana_generate.Y_RET
 SEMI_KEY = 'semi_mask'
 
 
 # ----------------------------------------------------------------------------
-# Stage 1: the Labeler
-# ----------------------------------------------------------------------------
-def classifier_config(config, pooling: str):
-  """The run config as stage 1 sees it: BANA's stage-1 network (fc6 dilation
-  1, 1×1 classifier without bias), `bana.classifier_steps` steps and, for the
-  SGD settings, the learning rates of `bana.lr_preset` (reference/bana.md
-  §9.3: 'paper' backbone 1e-4 / biases 2e-4 / classifier 1e-3, ÷10 after 10
-  of 15 epochs; 'code' 10× those, ÷10 at iteration 5000 of 8000)."""
-  config = config.copy_and_resolve_references()
-  cfg = config.bana
-  if config.model.backbone != 'vgg16_largefov':
-    # The Labeler is always the VGG16 (Sect. 4.1); DeepLab-v2 runs use it
-    # from `bana.classifier_init_weights`.
-    model = defaults.largefov_model()
-    model.init_weights = cfg.classifier_init_weights
-    config.model = model
-  config.model.update(fc6_dilation=int(cfg.classifier_fc6_dilation),
-                      head='linear', head_bias=False)
-  config.train.num_steps = int(cfg.classifier_steps)
-  if config.optim.name == 'sgd':
-    preset = cfg.compat.stage1_lr_preset
-    if preset == 'paper':
-      config.optim.update(lr=1e-4, schedule='step', step_boundaries=(10 / 15,))
-    elif preset == 'code':
-      config.optim.update(lr=1e-3, schedule='step',
-                          step_boundaries=(5000 / 8000,))
-      config.train.num_steps = 8000
-    else:
-      raise ValueError(f'bana.compat.stage1_lr_preset={preset!r}: expected '
-                       "'paper' or 'code'.")
-    config.optim.lr_mult.update(backbone_weight=1.0, backbone_bias=2.0,
-                                head_weight=10.0, head_bias=20.0)
-  config.bana.pooling = pooling
-  return config
-
-
-def classifier_loss(cfg):
-  """Stage-1 loss: BAP (Eqs. 1-4) then one cross-entropy over the boxes'
-  pooled features and the background queries (`bana_bap.bap_loss`)."""
-  def loss_fn(outputs, batch, context: LossContext):
-    kernel = context.params['head']['classifier']['kernel'][0, 0]
-    out = bana_bap.bap_forward(
-        outputs['features'], batch[schema.BOXES], batch[schema.BOX_LABELS],
-        batch[schema.VALID], grid=int(cfg.grid),
-        roi_grid=tuple(int(v) for v in cfg.compat.bap_roi_grid),
-        sampling=cfg.compat.bap_sampling,
-        pooling=cfg.pooling,
-        min_background_fraction=float(cfg.min_background_fraction))
-    return bana_bap.bap_loss(out, kernel.astype(jnp.float32),
-                             balance=bool(cfg.balance_rows))
-  return loss_fn
-
-
-# ----------------------------------------------------------------------------
-# Stage 3: segmentation with the noise-aware loss
-# ----------------------------------------------------------------------------
-def segmentation_loss(cfg, total_steps: int, semi_key: str | None = None):
-  """Stage-3 loss (`bana.loss`): as the official code, the logits and cosines
-  are upsampled (bilinear, align_corners=True) to the crop and the loss is
-  computed at full resolution (reference/bana.md 5.6).  With `semi_key`,
-  images that carry ground truth use it as both Y_crf and Y_ret."""
-  def loss_fn(outputs, batch, context: LossContext):
-    size = batch[schema.IMAGE].shape[1:3]
-    logits = resize_bilinear(outputs['logits'], size, align_corners=True)
-    cosines = resize_bilinear(outputs['cosines'], size, align_corners=True)
-    y_crf = batch[Y_CRF].astype(jnp.int32)
-    y_ret = batch[Y_RET].astype(jnp.int32)
-    if semi_key is not None:
-      truth = batch[semi_key].astype(jnp.int32)
-      labelled = jnp.any(truth != schema.IGNORE_LABEL, axis=(1, 2))
-      y_crf = jnp.where(labelled[:, None, None], truth, y_crf)
-      y_ret = jnp.where(labelled[:, None, None], truth, y_ret)
-    return bana_losses.baseline_loss(
-        cfg.loss, logits, cosines, y_crf, y_ret, step=context.step,
-        total_steps=total_steps, lam=float(cfg.lam), gamma=float(cfg.gamma),
-        sigma_gradient=bool(cfg.compat.nal_sigma_gradient))
-  return loss_fn
-
-
-# ----------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------
-def _label_quality(rt: Runtime, folder: str,
-                   max_images: int = 0) -> dict[str, Any]:
-  """Pseudo-label mIoU on the (first `max_images` of the) train split (255 =
-  unlabelled, not scored)."""
-  quality = metrics.evaluate_label_folder(
-      folder, rt.dataset.source(rt.train_split, decode_images=False),
-      rt.class_names, pred_ignore_label=schema.IGNORE_LABEL,
-      max_images=max_images, progress=False)
-  quality.pop('confusion', None)
-  return quality
-
-
 def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
-                       label_images: int = 0, compare_images: int = 0
-                       ) -> list[Stage]:
+                       label_images: int = 0, compare_images: int = 0,
+                       with_figures: bool = False) -> list[Stage]:
   """Stage 1 and stage 2 for one pooling ('bap' or 'gap').
 
   Stage 2 labels the first `label_images` training images (0: all); with
   `compare_images` it also scores its labels on the first that many images
-  ('quality_on_first', the images a subset-labelled GAP run has).
+  ('quality_on_first', the images a subset-labelled GAP run has).  With
+  `with_figures` stage 2 also writes the report's Figs. 4-5 images.
   """
-  config = classifier_config(rt.config, pooling)
+  config = objective.classifier_config(rt.config, pooling)
   rt1 = dataclasses.replace(rt, config=config)
   model = segmentation.build_segmenter(rt1)
   name = f'{prefix}classifier'
@@ -157,7 +64,7 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
   def train(context, stage_dir):
     return segmentation.train_segmenter(
         rt1, stage_dir, model=model, name=name,
-        loss_fn=classifier_loss(config.bana), validate=False)
+        loss_fn=objective.classifier_loss(config.bana), validate=False)
 
   def labels(context, stage_dir):
     _, variables = segmentation.load_trained(
@@ -177,12 +84,16 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
           options, folders, workers=int(rt.config.eval.crf_workers))
     mesh_lib.barrier(f'bana-labels-{stage_dir}')
     result = {'generation': json_safe(generation), 'quality': {
-        key: _label_quality(rt, folder.root, label_images)
+        key: segmentation.label_quality(rt, folder.root, label_images)
         for key, folder in folders.items()}}
     if compare_images:
       result['quality_on_first'] = {
-          key: _label_quality(rt, folder.root, compare_images)
+          key: segmentation.label_quality(rt, folder.root, compare_images)
           for key, folder in folders.items()}
+    if with_figures and mesh_lib.is_primary():
+      result[figures.FIGURES_KEY] = bana_report.write_figures(
+          rt, context.workdir, os.path.join(stage_dir, 'figures'), model,
+          variables, options, folders, rt.config.report.num_examples)
     return result
 
   return [
@@ -206,7 +117,8 @@ def pipeline(rt: Runtime) -> MethodPipeline:
                      "'gap'.")
   compare = bool(cfg.compare_gap) and cfg.pooling == 'bap'
   gap_images = int(cfg.gap_label_images) if compare else 0
-  stages = _classifier_stages(rt, '', cfg.pooling, compare_images=gap_images)
+  stages = _classifier_stages(rt, '', cfg.pooling, compare_images=gap_images,
+                              with_figures=True)
   if compare:
     stages += _classifier_stages(rt, 'gap_', 'gap', label_images=gap_images)
   folders = {Y_CRF: os.path.join('labels', Y_CRF),
@@ -226,7 +138,7 @@ def pipeline(rt: Runtime) -> MethodPipeline:
   def train(context, stage_dir):
     return segmentation.train_segmenter(
         rt, stage_dir, model=model, name='train',
-        loss_fn=segmentation_loss(cfg, num_steps, SEMI_KEY if semi else None),
+        loss_fn=objective.segmentation_loss(cfg, num_steps, SEMI_KEY if semi else None),
         label_folders={key: os.path.join(context.workdir, path)
                        for key, path in folders.items()})
   stages.append(Stage('train', train, outputs=(segmentation.MODEL_FILE,),
@@ -243,15 +155,13 @@ def pipeline(rt: Runtime) -> MethodPipeline:
   stages.append(Stage('evaluate', evaluate,
                       description='multi-scale + flip, with and without CRF'))
 
-  from wsss_jax.methods import bana_report  # pylint: disable=g-import-not-at-top
   return MethodPipeline(
       stages, eval_stage='evaluate', train_stages=tuple(
           s.name for s in stages if s.name.endswith('classifier')
           or s.name == 'train'),
-      pseudo_stage='labels', pseudo_folder=folders[Y_CRF],
-      pseudo_quality_key=Y_CRF,
+      pseudo=PseudoLabels('labels', folders[Y_CRF], key=Y_CRF),
       extra_results=functools.partial(_extra_results, cfg.pooling),
-      report_section=functools.partial(bana_report.report_section, rt))
+      report_section=bana_report.label_table)
 
 
 def _extra_results(pooling: str, by_stage: dict[str, dict[str, Any]]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from wsss_jax import run, segmentation
-from wsss_jax.methods import box2seg, box2seg_model
+from wsss_jax.methods.box2seg import model as box2seg_model
+from wsss_jax.methods.box2seg import objective as box2seg
 from wsss_jax.models import weights
 from wsss_jax.runtime import make_runtime
 from wsss_jax.training.step import LossContext

@@ -1,0 +1,2 @@
+"""The two reference points: `supervised` (upper bound) and `box_baseline`
+(lower bound)."""

@@ -1,0 +1,2 @@
+"""Box2Seg (Kulharia et al., ECCV 2020): losses, three-branch model, stages
+and report figures."""
