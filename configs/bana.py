@@ -12,9 +12,9 @@ of Table 3 and the supplement: nal (default), ce_only, entropy_reg,
 bootstrap; Table 4's crf_only, ret_only and semi; supp. Table 5's dot; Table
 1's gap, which trains the Labeler with GAP), at most one setting (tiny, voc,
 voc_resnet) and optionally `official_code`, which turns every compatibility
-switch of reference/bana.md §9.3 to the released code's value.  Defaults
-follow the paper, and the code where the paper is silent (docs/bana.md,
-docs/fidelity.md).
+switch (docs/bana.md, "Defaults and switches") to the released code's value.
+Defaults follow the paper, and the code where the paper is silent
+(docs/bana.md, docs/fidelity.md).
 """
 
 import ml_collections
@@ -36,6 +36,12 @@ VARIANTS = {
 SETTINGS = ('tiny', 'voc', 'voc_resnet')
 SWITCHES = ('official_code',)
 
+# The released code's DenseCRF settings, [bi_w, bi_xy, bi_rgb, pos_w, pos_xy]
+# in its order, as changes to DeepLab-v2's (`defaults.crf_config`).
+_LABEL_CRF = dict(gauss_sxy=3.0, bilateral_sxy=55.0)     # [4, 55, 3, 3, 3]
+_TEST_CRF = dict(gauss_sxy=3.0, bilateral_sxy=121.0,
+                 bilateral_srgb=5.0)                      # [4, 121, 5, 3, 3]
+
 
 def bana_section(variant: str) -> ml_collections.ConfigDict:
   loss, classifier, pooling = VARIANTS[variant]
@@ -43,7 +49,9 @@ def bana_section(variant: str) -> ml_collections.ConfigDict:
       variant=variant,
       # Stage 1: the Labeler (Sect. 3.1).
       classifier_steps=600,
-      classifier_fc6_dilation=1,       # BANA's stage-1 VGG16 (bana.md 5.3)
+      # BANA's stage-1 VGG16 (docs/implementation_notes.md, "Networks and
+      # initialisation").
+      classifier_fc6_dilation=1,
       pooling=pooling,                 # 'bap' (Eq. 4) or 'gap' (Table 1)
       grid=4,                          # N for training (supp. Table 1)
       min_background_fraction=0.125,   # code's GAP fallback (≤ 1/8 bg)
@@ -62,18 +70,16 @@ def bana_section(variant: str) -> ml_collections.ConfigDict:
       # Stage 2: pseudo-labels (Sect. 3.2).
       background_threshold=0.99,       # u_0 cut at 0.99·max (code)
       label_batch_size=16,
-      label_crf=dict(iterations=10, gauss_sxy=3.0, gauss_compat=3.0,
-                     bilateral_sxy=55.0, bilateral_srgb=3.0,
-                     bilateral_compat=4.0),     # [4, 55, 3, 3, 3] (code)
+      label_crf=defaults.crf_config(**_LABEL_CRF),   # the code's
       # Stage 3: segmentation (Sect. 3.3).
       loss=loss,                       # bana_losses.LOSS_KINDS
       classifier=classifier,           # 'cosine' (supp. Eq. 3) or 'dot'
-      temperature=20.0,                # τ
+      temperature=defaults.COSINE_TEMPERATURE,   # τ (supp. Eq. 3)
       gamma=7.0,                       # γ, Eq. 12
       lam=0.1,                         # λ, Eq. 14
       semi_fraction=0.1,               # Table 4 bottom: images with masks
-      # Compatibility switches (reference/bana.md §9.3): the paper's value by
-      # default, the released code's with the `official_code` preset.
+      # Compatibility switches (docs/bana.md, "Defaults and switches"): the
+      # paper's value by default, the released code's with `official_code`.
       compat=dict(
           bap_roi_grid=(1, 1),         # one r_i per box (Eq. 4); code (2, 2)
           bap_sampling='aligned',      # on the box extent; code
@@ -89,7 +95,8 @@ def bana_section(variant: str) -> ml_collections.ConfigDict:
 
 
 def _official_code(config):
-  """reference/bana.md §9.3: every switch at the released code's value."""
+  """Every switch of docs/bana.md ("Defaults and switches") at the released
+  code's value."""
   config.bana.compat.update(
       bap_roi_grid=(2, 2), bap_sampling='grid_sample_ac_false',
       stage1_lr_preset='code', u_c_normalisation='per_box',
@@ -101,7 +108,8 @@ def _voc(config, resnet: bool):
   if resnet:
     defaults.voc_resnet_preset(config)
     # BANA's ASPP: four 256-channel branches summed, ReLU, then the cosine
-    # classifier (bana.md 5.7); frozen BN; 20 epochs of batch 10.
+    # classifier (docs/implementation_notes.md, "Networks and
+    # initialisation"); frozen BN; 20 epochs of batch 10.
     config.model.update(aspp_dim=256, head_bias=False)
     config.train.num_steps = 21164
   else:
@@ -115,9 +123,7 @@ def _voc(config, resnet: bool):
   config.eval.update(
       scales=(1.0, 0.5, 0.75, 1.5), flip=True, fusion='mean_logits',
       align_corners=True, crf=True,
-      crf_params=dict(iterations=10, gauss_sxy=3.0, gauss_compat=3.0,
-                      bilateral_sxy=121.0, bilateral_srgb=5.0,
-                      bilateral_compat=4.0))    # [4, 121, 5, 3, 3] (code)
+      crf_params=defaults.crf_config(**_TEST_CRF))   # the code's
 
 
 def get_config(arg=None):
@@ -148,10 +154,7 @@ def get_config(arg=None):
   config.input.max_boxes = config.data.shapes.max_objects
   config.eval.update(scales=(0.75, 1.0, 1.25), flip=True,
                      fusion='mean_logits', align_corners=True, crf=True,
-                     crf_params=dict(iterations=10, gauss_sxy=3.0,
-                                     gauss_compat=3.0, bilateral_sxy=121.0,
-                                     bilateral_srgb=5.0,
-                                     bilateral_compat=4.0))
+                     crf_params=defaults.crf_config(**_TEST_CRF))
   if setting == 'tiny':
     defaults.tiny_preset(config)
     config.bana.update(classifier_steps=2, label_batch_size=4)

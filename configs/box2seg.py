@@ -9,8 +9,8 @@ regulariser and affinity embeddings on GrabCut and box supervision.
 `arg` is a comma-separated list of one Table 3–5 variant (box, grabcut,
 affinity, aw_box, aw_fr, box2seg (default), semi, supervised_awl) and one
 preset (tiny, voc).  No official code exists: every choice the paper leaves
-open is a field below, with the value of reference/box2seg.md §7 (item
-numbers in brackets) and docs/box2seg.md.
+open is a field below, with the value and the choice number (in brackets) of
+docs/box2seg.md, "Choices the paper leaves open".
 """
 
 import ml_collections
@@ -63,7 +63,7 @@ def box2seg_section(variant: str) -> ml_collections.ConfigDict:
 
 
 def _voc(config):
-  """The paper setting (Sect. 4.1, §7): ResNet-101 (torchvision layout,
+  """The paper setting (Sect. 4.1; docs/box2seg.md choices 18–28): ResNet-101 (torchvision layout,
   ImageNet weights from model.init_weights) + UPerNet, outputs at 1/4,
   crop 512, batch 16, SGD lr 1e-4 (decoders ×10), poly 0.9, 40 epochs."""
   defaults.voc_preset(config)
@@ -78,10 +78,7 @@ def _voc(config):
                               head_bias=10.0)
   config.train.num_steps = 26455            # [24] 40 × 10,582 / 16
   config.eval.update(bucket_size=512,
-                     crf_params=dict(iterations=10, gauss_sxy=1.0,
-                                     gauss_compat=3.0, bilateral_sxy=67.0,
-                                     bilateral_srgb=3.0,
-                                     bilateral_compat=4.0))   # [27]
+                     crf_params=defaults.crf_config())   # [27] DeepLab-v2
   config.box2seg.update(embed_dim=64, decoder_channels=512,
                         branch_channels=256, levels=('c2', 'c3', 'c4', 'c5'),
                         pretrain_steps=3307,  # [23] 5 epochs

@@ -69,7 +69,8 @@ def time_variant(variant, num_classes, steps, batch_override):
   state = state_lib.create_train_state(model, make_tx, jax.random.PRNGKey(0),
                                        (1, crop, crop, 3), mesh)
   train_step = step_lib.make_train_step(
-      model, box2seg.train_loss(config.box2seg, num_classes),
+      model, box2seg.train_loss(
+          box2seg.Box2SegLossOptions.from_config(config.box2seg), num_classes),
       'imagenet' if config.model.weights_source == 'torchvision' else 'caffe',
       mesh)
   batch = mesh_lib.device_batch(fake_batch(

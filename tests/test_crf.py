@@ -90,6 +90,19 @@ def test_params_from_config_rejects_unknown_fields():
     crf.CrfParams.from_config({'bilateral_sigma': 3.0})
 
 
+def test_crf_config_sections_are_built_from_params():
+  # CrfParams' defaults are the one source of every CRF config section.
+  assert dict(defaults.crf_config()) == dataclasses.asdict(crf.CrfParams())
+  section = defaults.crf_config(gauss_sxy=3.0, bilateral_sxy=55.0)
+  assert crf.CrfParams.from_config(section) == crf.CrfParams(
+      gauss_sxy=3.0, bilateral_sxy=55.0)
+  assert type(section.iterations) is int
+  with pytest.raises(TypeError, match='bilateral_sigma'):
+    defaults.crf_config(bilateral_sigma=3.0)
+  with pytest.raises(ValueError, match='gauss_sxy'):
+    defaults.crf_config(gauss_sxy=0.0)
+
+
 # ----------------------------------------------------------------------------
 # dense_crf on a real VOC image
 # ----------------------------------------------------------------------------

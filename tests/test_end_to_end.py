@@ -18,6 +18,7 @@ def load_config(name, variant='tiny'):
       os.path.join(REPO, 'configs', f'{name}.py'), variant)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['supervised', 'box_baseline'])
 def test_tiny_config_runs_end_to_end_and_resumes(name, tmp_path):
   config = load_config(name)
@@ -58,6 +59,7 @@ def test_tiny_config_runs_end_to_end_and_resumes(name, tmp_path):
   assert again['session_wall_s'] < again['wall_s']
 
 
+@pytest.mark.slow
 def test_changed_config_in_same_workdir_is_refused(tmp_path):
   config = load_config('supervised')
   run.train_and_evaluate(config, str(tmp_path))

@@ -1,4 +1,5 @@
-"""Tests of wsss_jax.host.grabcut (GrabCut pseudo-masks, label generation)."""
+"""Tests of wsss_jax.host.grabcut (GrabCut pseudo-masks) and of host-only
+label folders (`wsss_jax.pseudo.engine.generate_label_folder`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from wsss_jax.data import label_png
 from wsss_jax.data import schema
 from wsss_jax.host import grabcut
 from wsss_jax.host import pool
+from wsss_jax.pseudo import engine
 
 VOC_MINI = os.path.join(os.path.dirname(__file__), 'data', 'voc_mini')
 
@@ -194,7 +196,7 @@ def test_generate_label_folder_is_resumable(tmp_path):
   source = _small_source()
   folder = label_png.LabelFolder(tmp_path / 'gc')
   fn = functools.partial(grabcut.grabcut_example, iterations=3)
-  stats = grabcut.generate_label_folder(source, folder, fn, progress=False)
+  stats = engine.generate_label_folder(source, folder, fn, progress=False)
   assert stats['written'] == 3 and stats['skipped_existing'] == 0
   assert stats['total'] == 3 and stats['boxes'] == 3
   assert stats['fallbacks'] == 0
@@ -204,10 +206,10 @@ def test_generate_label_folder_is_resumable(tmp_path):
         example[schema.BOX_LABELS], iterations=3)
     np.testing.assert_array_equal(folder.read(example[schema.IMAGE_ID]),
                                   expected)
-  again = grabcut.generate_label_folder(source, folder, fn, progress=False)
+  again = engine.generate_label_folder(source, folder, fn, progress=False)
   assert again['written'] == 0 and again['skipped_existing'] == 3
   os.remove(folder.path('img1'))
-  resumed = grabcut.generate_label_folder(source, folder, fn, progress=False)
+  resumed = engine.generate_label_folder(source, folder, fn, progress=False)
   assert resumed['written'] == 1 and resumed['skipped_existing'] == 2
   assert resumed['boxes'] == 1
   folder.check_complete(['img0', 'img1', 'img2'])
@@ -216,9 +218,9 @@ def test_generate_label_folder_is_resumable(tmp_path):
 def test_generate_label_folder_with_workers(tmp_path):
   source = _small_source()
   folder = label_png.LabelFolder(tmp_path / 'box')
-  stats = grabcut.generate_label_folder(source, folder,
-                                        grabcut.box_fill_example, workers=2,
-                                        progress=False)
+  stats = engine.generate_label_folder(source, folder,
+                                       grabcut.box_fill_example, workers=2,
+                                       progress=False)
   assert stats == {'total': 3, 'written': 3, 'skipped_existing': 0,
                    'boxes': 3, 'boxes_dropped': 0}
   for example in source:
@@ -240,8 +242,8 @@ def _plain_labels(example):
 
 def test_generate_label_folder_accepts_plain_label_maps(tmp_path):
   folder = label_png.LabelFolder(tmp_path)
-  stats = grabcut.generate_label_folder(_small_source(), folder, _plain_labels,
-                                        progress=False)
+  stats = engine.generate_label_folder(_small_source(), folder, _plain_labels,
+                                       progress=False)
   assert stats == {'total': 3, 'written': 3, 'skipped_existing': 0}
   assert (folder.read('img2') == 7).all()
 
@@ -249,6 +251,6 @@ def test_generate_label_folder_accepts_plain_label_maps(tmp_path):
 def test_generate_label_folder_checks_label_fn_output(tmp_path):
   folder = label_png.LabelFolder(tmp_path)
   with pytest.raises(pool.WorkerError, match="item 0.*'img0'.*expected uint8"):
-    grabcut.generate_label_folder(_small_source(), folder, _wrong_size_labels,
-                                  progress=False)
+    engine.generate_label_folder(_small_source(), folder, _wrong_size_labels,
+                                 progress=False)
   assert not folder.existing_ids()

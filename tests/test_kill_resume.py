@@ -7,6 +7,9 @@ import sys
 import time
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow   # two whole runs of the main job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--config=configs/box_baseline.py:tiny',

@@ -47,3 +47,19 @@ def test_upsampling_4_to_8_gives_pytorch_values():
   got = resize_bilinear(jnp.broadcast_to(x, (1, 2, 4, 1)), (2, 8), False)
   np.testing.assert_allclose(
       got[0, 0, :, 0], [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3], atol=1e-6)
+
+
+def test_align_corners_true_to_a_side_of_one_samples_the_first_index():
+  # PyTorch: an output side of 1 takes input index 0 on that side.
+  x = jnp.arange(8, dtype=jnp.float32).reshape(1, 2, 4, 1)   # rows 0-3, 4-7
+  row = resize_bilinear(x, (1, 4), align_corners=True)
+  np.testing.assert_allclose(np.asarray(row)[0, :, :, 0], [[0, 1, 2, 3]])
+  column = resize_bilinear(x, (2, 1), align_corners=True)
+  np.testing.assert_allclose(np.asarray(column)[0, :, :, 0], [[0], [4]])
+  both = resize_bilinear(x, (1, 1), align_corners=True)
+  np.testing.assert_allclose(np.asarray(both)[0, :, :, 0], [[0]])
+  # From one row to three: every output row copies it.
+  up = resize_bilinear(x[:, :1], (3, 7), align_corners=True)
+  np.testing.assert_allclose(np.asarray(up)[0, :, 0, 0], [0, 0, 0])
+  np.testing.assert_allclose(np.asarray(up)[0, 0, :, 0],
+                             [0, 0.5, 1, 1.5, 2, 2.5, 3], atol=1e-6)

@@ -71,3 +71,35 @@ def test_duplicate_names_rejected(tmp_path):
   with pytest.raises(ValueError, match='unique'):
     stages.run_stages([_stage('a', []), _stage('a', [])],
                       stages.StageContext(str(tmp_path), None))
+
+
+def test_rounds_name_prefix_and_resume_each_round_on_its_own(tmp_path):
+  calls = []
+
+  def build(round_no, name):
+    # Round k reads round k-1's labels: references resolve through `name`
+    # of the earlier round.
+    previous = stages.round_name(round_no - 1, 'labels') if round_no > 1 \
+        else None
+    def train(context, stage_dir):
+      calls.append(name('train'))
+      return {'read': previous, 'seen': sorted(context.results)}
+    return [_stage(name('labels'), calls, ('l.txt',)),
+            stages.Stage(name('train'), train)]
+
+  pipeline = stages.rounds(2, build)
+  assert [s.name for s in pipeline] == ['round1/labels', 'round1/train',
+                                        'round2/labels', 'round2/train']
+  context = stages.StageContext(str(tmp_path), None)
+  records = stages.run_stages(pipeline, context)
+  assert records[3]['results']['read'] == 'round1/labels'
+  assert os.path.exists(tmp_path / 'round2' / 'labels' / 'l.txt')
+  # An incomplete round-2 stage reruns alone; round 1 is skipped.
+  os.remove(tmp_path / 'round2' / 'labels' / 'l.txt')
+  calls.clear()
+  again = stages.run_stages(pipeline, stages.StageContext(str(tmp_path), None))
+  assert [r['status'] for r in again] == ['skipped', 'skipped', 'done',
+                                          'skipped']
+  assert calls == ['round2/labels']
+  with pytest.raises(ValueError, match='start at 1'):
+    stages.round_name(0, 'train')

@@ -31,6 +31,7 @@ def _voc_config(tmp_path):
   return config
 
 
+@pytest.mark.slow
 def test_voc_variant_trains_from_local_weights_on_real_images(tmp_path):
   config = _voc_config(tmp_path)
   # A local weight file for this (tiny) network, as the converter would write.

@@ -7,9 +7,17 @@ config file composes them and overrides a few values; it stays a thin file.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from wsss_jax.host.crf import CrfParams
+
 ConfigDict = ml_collections.ConfigDict
+
+# τ of the cosine classifier, BANA supp. Eq. (3): the one source of
+# `model.cosine_temperature` and `bana.temperature`.
+COSINE_TEMPERATURE = 20.0
 
 
 # ----------------------------------------------------------------------------
@@ -126,7 +134,7 @@ def largefov_model(fc6_dilation: int = 12) -> ConfigDict:
       batch_norm=False,          # VGG16-BN placement (benchmark backbone only)
       head='linear',
       head_bias=True,
-      cosine_temperature=20.0,   # τ of the 'cosine' head (BANA)
+      cosine_temperature=COSINE_TEMPERATURE,   # τ of the 'cosine' head
       aspp_rates=(6, 12, 18, 24),
       aspp_dim=0,
       aspp_classifier='linear',  # classifier after BANA's ASPP (aspp_dim > 0)
@@ -195,6 +203,17 @@ def training(num_steps: int) -> ConfigDict:
   ))
 
 
+def crf_config(**overrides: float) -> ConfigDict:
+  """A DenseCRF config section (`eval.crf_params`, `bana.label_crf`).
+
+  The fields and defaults are those of `host.crf.CrfParams` (their one
+  source: DeepLab-v2's setting, Gaussian weight 3 / sxy 1, bilateral weight 4
+  / sxy 67 / srgb 3, 10 iterations); `overrides` change named fields and are
+  validated by CrfParams (unknown names raise TypeError).
+  """
+  return ConfigDict(dataclasses.asdict(CrfParams(**overrides)))
+
+
 def evaluation() -> ConfigDict:
   return ConfigDict(dict(
       batch_size=8,
@@ -205,10 +224,9 @@ def evaluation() -> ConfigDict:
       align_corners=False,       # bilinear convention for rescaling inputs/logits
       crf=False,
       # DeepLab-v2's DenseCRF (POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67,
-      # BI_RGB_STD 3; as in LPG's ResNet config and Box2Seg §7 item 27).
-      crf_params=dict(iterations=10, gauss_sxy=1.0, gauss_compat=3.0,
-                      bilateral_sxy=67.0, bilateral_srgb=3.0,
-                      bilateral_compat=4.0),
+      # BI_RGB_STD 3; as in LPG's ResNet config and docs/box2seg.md, choice
+      # 27): CrfParams' defaults.
+      crf_params=crf_config(),
       crf_workers=2,
       worker_count=0,            # grain decoding processes (each start ~3 s)
       max_images=0,              # 0 = the whole split

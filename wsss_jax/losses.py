@@ -26,7 +26,8 @@ def resize_labels_nearest(labels: jax.Array, height: int,
 
   src = floor((i + 0.5)·in/out): PIL NEAREST / PyTorch 'nearest-exact', which
   is what the DeepLab ports use to bring labels to the logit grid (e.g. 321 ->
-  41 picks rows 3, 11, ..., 317; jax_conventions.md §3.3).
+  41 picks rows 3, 11, ..., 317; docs/implementation_notes.md, "Resizing and
+  sampling conventions").
   """
   in_h, in_w = labels.shape[1], labels.shape[2]
   rows = jnp.floor((jnp.arange(height) + 0.5) * in_h / height).astype(jnp.int32)

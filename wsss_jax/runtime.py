@@ -1,4 +1,4 @@
-"""What every stage of a run shares: config, dataset, mesh, conventions."""
+"""What every stage of a run shares: config, datasets, mesh, conventions."""
 
 from __future__ import annotations
 
@@ -15,12 +15,27 @@ from wsss_jax.training import mesh as mesh_lib
 
 @dataclasses.dataclass
 class Runtime:
-  """Built once per run by `wsss_jax.run` and handed to every stage."""
+  """Built once per run by `wsss_jax.run` and handed to every stage.
+
+  `dataset` is the run's target dataset (`config.data`); a method that also
+  trains on another dataset (LPG's auxiliary classes) gets a runtime for it
+  with `with_data`.
+  """
   config: Any
   dataset: registry.Dataset
   mesh: jax.sharding.Mesh
   normalization: str
   compute_dtype: Any
+
+  def with_data(self, data_config) -> 'Runtime':
+    """This runtime on the dataset of `data_config` (a `config.data`-like
+    section), opened (and prepared if needed) now; the config it carries has
+    `data` replaced, so stages built with it read that dataset's splits."""
+    config = self.config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data = data_config
+    return dataclasses.replace(self, config=config,
+                               dataset=registry.open_dataset(data_config))
 
   @property
   def num_classes(self) -> int:

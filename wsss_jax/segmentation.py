@@ -24,7 +24,7 @@ from wsss_jax.atomic import json_safe
 from wsss_jax.data import pipeline, schema
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.evaluation import inference, metrics
-from wsss_jax.host import grabcut
+from wsss_jax.pseudo import engine as label_engine
 from wsss_jax.models import build as model_build
 from wsss_jax.models import weights as weights_lib
 from wsss_jax.runtime import Runtime
@@ -54,7 +54,7 @@ def make_label_folder(rt: Runtime, folder: str,
   source = rt.dataset.source(rt.train_split)
   stats = {}
   if mesh_lib.is_primary():          # one writer; the others wait below
-    stats = grabcut.generate_label_folder(
+    stats = label_engine.generate_label_folder(
         source, LabelFolder(folder), label_fn, workers=workers,
         image_ids=rt.dataset.index(rt.train_split).image_ids)
   mesh_lib.barrier(f'labels-{folder}')

@@ -11,6 +11,11 @@ already wrote (label stages).
               Stage('train', train_segmenter, outputs=('checkpoints',)),
               Stage('evaluate', evaluate)]
     records = run_stages(stages, context)
+
+Methods that repeat stages (LPG's EM rounds, PMM's cyclic pseudo-masks) build
+each round with prefixed names, `rounds(2, build)` -> `round1/train`, ...,
+`round2/train`: every round's stages are ordinary stages, each resumable on
+its own, with their folders under `<workdir>/round<k>/`.
 """
 
 from __future__ import annotations
@@ -118,6 +123,29 @@ def run_stages(stages: list[Stage], context: StageContext
     context.results[stage.name] = record['results']
     records.append(record)
   return records
+
+
+def round_name(round_no: int, name: str) -> str:
+  """The name of stage `name` in round `round_no` (1-based): 'round2/train'."""
+  if round_no < 1:
+    raise ValueError(f'round numbers start at 1, got {round_no}.')
+  return f'round{round_no}/{name}'
+
+
+def rounds(count: int,
+           build: Callable[[int, Callable[[str], str]], list[Stage]]
+           ) -> list[Stage]:
+  """The stages of `count` rounds as one flat list.
+
+  `build(k, name)` returns round k's stages; `name(stage)` gives a stage's
+  name in round k (`round_name(k, stage)`), for the stage itself and for
+  references to the stages of this or an earlier round (e.g. round k trains
+  on `round_name(k - 1, 'labels')`).
+  """
+  stages: list[Stage] = []
+  for round_no in range(1, count + 1):
+    stages += build(round_no, lambda name, k=round_no: round_name(k, name))
+  return stages
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,8 +32,10 @@ _PROB_FLOOR = 1e-5
 class CrfParams:
   """DenseCRF parameters, in pydensecrf's names.
 
-  Defaults are those of `wsss_jax.defaults.evaluation().crf_params`, the
-  DeepLab-v2 setting (bilateral w=4, sxy=67, srgb=3; Gaussian w=3, sxy=1).
+  The defaults, DeepLab-v2's setting (bilateral w=4, sxy=67, srgb=3;
+  Gaussian w=3, sxy=1; 10 iterations), are the one source of every CRF
+  config section: `wsss_jax.defaults.crf_config(**overrides)` builds
+  `eval.crf_params` and `bana.label_crf` from them.
 
   Attributes:
     iterations: mean-field iterations (>= 1).

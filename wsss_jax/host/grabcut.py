@@ -1,7 +1,7 @@
-"""Box-initialised GrabCut pseudo-masks and resumable label-folder generation.
+"""Box-initialised GrabCut pseudo-masks and filled-box label maps.
 
 GrabCut (Rother et al. 2004) with OpenCV, one run per box, as the Box2Seg
-paper's M labels (Sect. 3.1; choices of `box2seg.md` section 7, items 14-16):
+paper's M labels (Sect. 3.1; docs/box2seg.md, choices 14–16):
 
 * rectangle initialisation (`GC_INIT_WITH_RECT`) from the box on the
   full-resolution image, 5 iterations; foreground = definite or probable
@@ -19,26 +19,18 @@ the same mask, whatever ran before in the process.
 from __future__ import annotations
 
 import collections
-import functools
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from wsss_jax.data import boxes as box_lib
 from wsss_jax.data import schema
-from wsss_jax.data.label_png import LabelFolder
-from wsss_jax.host import pool
 
 # Fallback reasons, also the keys of the per-reason counts in the stats.
 FALLBACK_SMALL = 'fallback_small'
 FALLBACK_ERROR = 'fallback_error'
 FALLBACK_EMPTY = 'fallback_empty'
 _MIN_SIDE = 3
-
-# label_fn(example) -> label map uint8 (H, W), or (label map, stats
-# {name: count}).
-LabelFn = Callable[[Mapping[str, Any]],
-                   np.ndarray | tuple[np.ndarray, Mapping[str, int]]]
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -169,7 +161,7 @@ def box_label_map(image: np.ndarray, boxes: np.ndarray,
 def grabcut_example(example: Mapping[str, Any], iterations: int = 5,
                     seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
   """`grabcut_label_map` of a schema example (a label function for
-  `generate_label_folder`; bind options with `functools.partial`)."""
+  `wsss_jax.pseudo.engine`; bind options with `functools.partial`)."""
   return grabcut_label_map(example[schema.IMAGE], example[schema.BOXES],
                            example[schema.BOX_LABELS], iterations, seed)
 
@@ -177,102 +169,6 @@ def grabcut_example(example: Mapping[str, Any], iterations: int = 5,
 def box_fill_example(
     example: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
   """`box_label_map` of a schema example (a label function for
-  `generate_label_folder`): the "Box" baseline pseudo-mask."""
+  `wsss_jax.pseudo.engine`): the "Box" baseline pseudo-mask."""
   return box_label_map(example[schema.IMAGE], example[schema.BOXES],
                        example[schema.BOX_LABELS])
-
-
-def _label_item(example: Mapping[str, Any],
-                fn: LabelFn) -> tuple[str, np.ndarray, dict[str, int]]:
-  """Worker body of `generate_label_folder` (module level so it pickles)."""
-  image_id = str(example[schema.IMAGE_ID])
-  output = fn(example)
-  label_map, stats = output if isinstance(output, tuple) else (output, {})
-  label_map = np.asarray(label_map)
-  expected = np.shape(example[schema.IMAGE])[:2]
-  if label_map.shape != expected or label_map.dtype != np.uint8:
-    raise ValueError(
-        f'Label function {fn!r} returned {label_map.dtype} '
-        f'{label_map.shape} for image {image_id!r}; expected uint8 '
-        f'{expected}.')
-  return image_id, label_map, dict(stats)
-
-
-def generate_label_folder(source: Iterable[Mapping[str, Any]],
-                          folder: LabelFolder, fn: LabelFn, workers: int = 0,
-                          *, max_in_flight: int | None = None,
-                          progress: bool = True,
-                          desc: str = 'labels',
-                          image_ids: Sequence[str] | None = None
-                          ) -> dict[str, int]:
-  """Writes `fn(example)` for every example into `folder`, resumably.
-
-  Examples whose `<image_id>.png` already exists are skipped (files are
-  written atomically, so an existing file is complete), so an interrupted
-  run continues where it stopped.  Files are written by this process; the
-  workers only compute.
-
-  Args:
-    source: decoded examples in the schema layout (at least 'image' and
-      'image_id', plus whatever `fn` reads), e.g. `Dataset.source(split)`.
-    folder: destination `LabelFolder`.
-    image_ids: the ids of `source` in order (e.g. `Dataset.index(split)
-      .image_ids`); when given, existing files are skipped without
-      decoding their examples.
-    fn: a picklable label function `fn(example) -> label_map` or
-      `-> (label_map, stats)`, label_map uint8 (H, W) of the image's size and
-      stats {name: count}; e.g. `box_fill_example` or
-      `functools.partial(grabcut_example, iterations=5)`.
-    workers: worker processes; 0 = inline.
-    max_in_flight: bound on outstanding examples (default 2 per worker).
-    progress: show a progress bar.
-    desc: progress-bar label.
-
-  Returns:
-    {'total', 'written', 'skipped_existing'} plus the sum over the written
-    examples of every count the label function reported (e.g. 'boxes',
-    'fallbacks').
-
-  Raises:
-    pool.WorkerError: `fn` failed or returned a wrong label map (the message
-      names the item index and the image id).
-  """
-  existing = folder.existing_ids()
-  totals: collections.Counter[str] = collections.Counter()
-  counts = {'total': 0, 'skipped_existing': 0}
-
-  def items():
-    if image_ids is not None:
-      # Ids known up front: existing files are skipped without decoding.
-      for i, image_id in enumerate(image_ids):
-        counts['total'] += 1
-        if image_id in existing:
-          counts['skipped_existing'] += 1
-          continue
-        yield source[i]
-      return
-    if hasattr(source, '__len__') and hasattr(source, '__getitem__'):
-      examples = (source[i] for i in range(len(source)))
-    else:
-      examples = iter(source)
-    for example in examples:
-      counts['total'] += 1
-      image_id = str(example[schema.IMAGE_ID])
-      if image_id in existing:
-        counts['skipped_existing'] += 1
-        continue
-      yield example
-
-  # Progress counts label maps to write; existing files are not shown.
-  total = (max(len(source) - len(existing), 0)
-           if hasattr(source, '__len__') else None)
-  written = 0
-  worker_fn = functools.partial(_label_item, fn=fn)
-  for image_id, label_map, stats in pool.pool_map(
-      worker_fn, items(), workers, max_in_flight=max_in_flight, desc=desc,
-      total=total, progress=progress):
-    folder.write(image_id, label_map)
-    totals.update(stats)
-    written += 1
-  return {'total': counts['total'], 'written': written,
-          'skipped_existing': counts['skipped_existing'], **dict(totals)}

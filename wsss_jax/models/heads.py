@@ -19,7 +19,8 @@ from wsss_jax.models import layers
 class LinearHead(nn.Module):
   """1x1 conv classifier (DeepLab-LargeFOV fc8), module name `classifier`.
 
-  Weights N(0, 0.01), bias 0 (bana.md 5.4, lpg.md 4.5).
+  Weights N(0, 0.01), bias 0 (docs/implementation_notes.md, "Networks and
+  initialisation").
 
   Attributes:
     num_classes: output channels.
@@ -63,7 +64,8 @@ class CosineHead(nn.Module):
     weights L2-normalised with eps 1e-12; τ = `temperature` (20).
   * `kind='dot'` (supp. Eq. 2, Table 5's alternative): logits = φ·W_c.
 
-  Weights N(0, 0.01) (bana.md 5.6: the initial norm matters with cosines).
+  Weights N(0, 0.01): the initial norm matters with cosines
+  (docs/implementation_notes.md, "Networks and initialisation").
 
   Attributes:
     num_classes: output classes.
@@ -104,7 +106,8 @@ class ASPPV2Head(nn.Module):
   dilation = padding = rate (6, 12, 18, 24) from the features straight to
   class logits, with bias, N(0, 0.01) weights; the branch outputs are summed.
 
-  BANA's form (`aspp_dim > 0`, bana.md 5.7): the branches output `aspp_dim`
+  BANA's form (`aspp_dim > 0`, docs/implementation_notes.md, "Networks and
+  initialisation"): the branches output `aspp_dim`
   channels without bias; their sum goes through a ReLU and becomes
   'features'; a 1x1 conv `classifier` (bias = `use_bias`, BANA: none) gives
   the logits, or with `classifier='cosine'`/`'dot'` a `CosineHead` (BANA's

@@ -20,7 +20,8 @@ Initializer = Callable[..., jax.Array]
 # He/Kaiming normal (PyTorch `kaiming_normal_` draws from a plain normal).
 HE_NORMAL_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 HE_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# The DeepLab classifier initialisation N(0, 0.01) (bana.md 5.4, lpg.md 4.5).
+# The DeepLab classifier initialisation N(0, 0.01)
+# (docs/implementation_notes.md, "Networks and initialisation").
 CLASSIFIER_INIT = nn.initializers.normal(stddev=0.01)
 
 BN_EPSILON = 1e-5

@@ -5,7 +5,7 @@ the DeepLab-v2 changes (Chen et al., TPAMI 2018): the last two stages keep
 stride 1 and use dilation 2 and 4, giving output stride 8 (321 -> 41).
 
 Two layouts of the bottleneck exist and pretrained weights only work with
-their own (jax_conventions.md 11.2):
+their own (docs/implementation_notes.md, "Networks and initialisation"):
   * MSRA/caffe (DeepLab-v2 init, kazuto1011/deeplab-pytorch, BANA): the
     stride-2 sits on the first 1x1 conv; the stem max-pool uses ceil mode.
   * torchvision v1.5 (LPG, Box2Seg): the stride sits on the 3x3 conv; the

@@ -6,7 +6,7 @@ runs a pyramid pooling module (PPM) on the coarsest, builds the top-down
 feature pyramid with lateral 1×1 convs and 3×3 output convs, and fuses every
 level at the finest resolution with a 3×3 conv.  Every conv is followed by a
 trained BatchNorm (PyTorch momentum 0.1) and ReLU, as in the UPerNet
-reference implementation's ConvModule (reference/box2seg.md §7 items 19–20).
+reference implementation's ConvModule (docs/box2seg.md, choices 18–20).
 """
 
 from __future__ import annotations

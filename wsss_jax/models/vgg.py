@@ -1,6 +1,7 @@
 """VGG-16 DeepLab-LargeFOV backbone (BANA and LPG segmentation networks).
 
-Topology (bana.md 5.3, lpg.md 4.5; Chen et al., "Semantic Image Segmentation
+Topology (docs/implementation_notes.md, "Networks and initialisation"; Chen
+et al., "Semantic Image Segmentation
 with Deep Convolutional Nets and Fully Connected CRFs", ICLR 2015):
 
   conv1_1..conv5_3   3x3, bias, ReLU; conv5_* dilation 2 (padding 2)

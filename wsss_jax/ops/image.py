@@ -1,6 +1,7 @@
 """On-device image normalisation (uint8 batches travel to devices unnormalised).
 
-Two conventions are used by the papers (jax_conventions.md §3.3):
+Two conventions are used by the papers (docs/implementation_notes.md,
+"Resizing and sampling conventions"):
   'caffe':    BGR, 0–255, minus (104.008, 116.669, 122.675); for converted
               caffe weights (BANA, LPG: DeepLab vgg16_20M, MSRA ResNet-101).
   'imagenet': RGB / 255, minus ImageNet mean, divided by its std; for

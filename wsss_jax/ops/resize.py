@@ -1,4 +1,7 @@
-"""Bilinear resizing with explicit PyTorch semantics (jax_conventions.md §3.3).
+"""Bilinear resizing with explicit PyTorch semantics.
+
+The conventions: docs/implementation_notes.md, "Resizing and sampling
+conventions".
 
 `jax.image.resize` antialiases when downsampling by default and has no
 align_corners=True mode; the official codes use both conventions, so every
@@ -29,8 +32,16 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int],
     y = jax.image.resize(x, (batch, out_h, out_w, channels), 'bilinear',
                          antialias=False)
     return y.astype(dtype)
-  scale = jnp.asarray([(out_h - 1) / max(in_h - 1, 1),
-                       (out_w - 1) / max(in_w - 1, 1)], jnp.float32)
+  # An output side of 1 samples input index 0 (i·(in − 1)/(out − 1) is 0/0):
+  # keep that row/column and resize it 1 -> 1.
+  if out_h == 1:
+    x, in_h = x[:, :1], 1
+  if out_w == 1:
+    x, in_w = x[:, :, :1], 1
+  scale = jnp.asarray([(out_h - 1) / (in_h - 1) if in_h > 1 else
+                       (float(out_h - 1) if out_h > 1 else 1.0),
+                       (out_w - 1) / (in_w - 1) if in_w > 1 else
+                       (float(out_w - 1) if out_w > 1 else 1.0)], jnp.float32)
   translation = 0.5 * (1.0 - scale)
   y = jax.image.scale_and_translate(x, (batch, out_h, out_w, channels), (1, 2),
                                     scale, translation, method='linear',

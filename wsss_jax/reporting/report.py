@@ -130,7 +130,8 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
   lines += ['', '## Training curves', '']
   for stage in pipeline.train_stages:
     history = by_name.get(stage, {}).get('history', {})
-    path = os.path.join(out_dir, f'curve_{stage}.png')
+    # Round stages ('round2/train') get a flat file name.
+    path = os.path.join(out_dir, f"curve_{stage.replace('/', '_')}.png")
     if figures.plot_history(history, f'{name} / {stage}', path):
       lines.append(f'![{stage}]({os.path.relpath(path, workdir)})')
       summary = by_name.get(stage, {})

@@ -3,7 +3,8 @@
 PyTorch SGD with momentum μ and weight decay λ adds λ·w to the gradient before
 the momentum buffer and applies the learning rate after it; per-group learning
 rates therefore act as a per-leaf scale *after* the momentum update
-(jax_conventions.md §3.2).  This is what `make_optimizer` builds:
+(docs/implementation_notes.md, "Optimisers").  This is what `make_optimizer`
+builds:
 
     add_decayed_weights(λ, mask=kernels)  ->  sgd(schedule, μ)  ->  ×group_mult
 
@@ -57,7 +58,8 @@ def make_schedule(optim_config, num_steps: int) -> Callable[[Any], Any]:
 
   'poly': lr·(1 − t/T)^p, the DeepLab "poly" policy (Chen et al., TPAMI
   2018, Sect. 4.1, after ParseNet), identical to a PyTorch LambdaLR stepped
-  after each optimiser step (jax_conventions.md §3.2).  'step': ×0.1 at each boundary
+  after each optimiser step (docs/implementation_notes.md, "Optimisers").
+  'step': ×0.1 at each boundary
   given as a fraction of `num_steps` (BANA stage 1).  'constant'.
   """
   lr = float(optim_config.lr)

@@ -1,4 +1,7 @@
-"""BANA stage-2 pseudo labels (Eqs. 5-9): hand-computed cases, edge cases."""
+"""BANA stage-2 pseudo labels (Eqs. 5-9): hand-computed cases, edge cases.
+
+The shared helpers (box masks, masked means, cosine scores, CRF input
+softmax, masked argmax, agreement) are tested in tests/pseudo/test_regions.py."""
 
 import functools
 
@@ -9,6 +12,7 @@ import pytest
 
 from wsss_jax.methods.bana import labels as B
 from wsss_jax.ops.resize import resize_bilinear
+from wsss_jax.pseudo import regions as R
 
 E1, E2, E3 = np.eye(3, dtype=np.float32)
 
@@ -27,30 +31,6 @@ def _boxes(rows):
 
 
 # ----------------------------------------------------------------------------
-# Boxes
-# ----------------------------------------------------------------------------
-def test_class_box_masks_by_hand():
-  # 3x6 image; class 1 covers cols 0-2 rows 0-1, class 2 cols 2-4 rows 1-2
-  # (overlap at row 1, col 2); a padded row covering everything is ignored;
-  # a float box [0.6, 1.6) covers only col 1 (centre 0.5 is left of 0.6).
-  boxes, labels = _boxes([(0, 0, 3, 2, 1), (2, 1, 5, 3, 2),
-                          (0, 0, 6, 3, -1), (0.6, 2, 1.6, 3, 1)])
-  masks = np.asarray(B.class_box_masks(boxes, labels, 4, (3, 6)))[0]
-  c1 = np.array([[1, 1, 1, 0, 0, 0],
-                 [1, 1, 1, 0, 0, 0],
-                 [0, 1, 0, 0, 0, 0]], bool)
-  c2 = np.array([[0, 0, 0, 0, 0, 0],
-                 [0, 0, 1, 1, 1, 0],
-                 [0, 0, 1, 1, 1, 0]], bool)
-  np.testing.assert_array_equal(masks[..., 1], c1)
-  np.testing.assert_array_equal(masks[..., 2], c2)
-  np.testing.assert_array_equal(masks[..., 3], np.zeros((3, 6), bool))
-  np.testing.assert_array_equal(masks[..., 0], ~(c1 | c2))
-  np.testing.assert_array_equal(
-      B.present_classes(labels, 4), [[True, True, True, False]])
-
-
-# ----------------------------------------------------------------------------
 # u_c (Eq. 5)
 # ----------------------------------------------------------------------------
 def test_normalized_cam_per_class_vs_per_box():
@@ -62,7 +42,7 @@ def test_normalized_cam_per_class_vs_per_box():
   cam[0, 0, :, 0] = 3.0
   rows = [(0, 0, 3, 1, 1), (2, 0, 5, 1, 1), (5, 0, 6, 1, 2), (0, 0, 6, 1, -1)]
   boxes, labels = _boxes(rows)
-  masks = B.class_box_masks(boxes, labels, 3, (1, 6))
+  masks = R.class_box_masks(boxes, labels, 3, (1, 6))
   per_class = np.asarray(normalized_cam(cam, boxes, labels, masks, 'class'))
   per_box = np.asarray(normalized_cam(cam, boxes, labels, masks, 'box'))
   np.testing.assert_allclose(per_class[0, 0, :, 1],
@@ -94,7 +74,7 @@ def _bg_image():
                        E1 + 0.1 * E2,          # cos 0.995 -> kept
                        -E1])[None, None]       # cos −1 -> ReLU 0
   boxes, labels = _boxes([(1, 0, 5, 1, 1)])
-  masks = B.class_box_masks(boxes, labels, 2, (1, 5))
+  masks = R.class_box_masks(boxes, labels, 2, (1, 5))
   return jnp.asarray(features), masks[..., 0], ~masks[..., 0]
 
 
@@ -116,7 +96,7 @@ def test_background_unary_without_background_is_finite():
   # Image 0 fully covered; image 1 has a background column.
   boxes = jnp.asarray([[[0, 0, 4, 3]], [[0, 0, 3, 3]]], jnp.float32)
   labels = jnp.asarray([[1], [1]], jnp.int32)
-  masks = B.class_box_masks(boxes, labels, 2, (3, 4))
+  masks = R.class_box_masks(boxes, labels, 2, (3, 4))
   u0, no_bg = background_unary(features, masks[..., 0], ~masks[..., 0])
   assert np.all(np.isfinite(u0))
   np.testing.assert_array_equal(u0[0], 0.0)
@@ -129,22 +109,6 @@ def test_background_unary_without_background_is_finite():
 
 
 # ----------------------------------------------------------------------------
-# CRF input probabilities
-# ----------------------------------------------------------------------------
-def test_unary_probabilities_by_hand():
-  u = jnp.asarray([[[[0.0, 1.0, 0.7], [0.5, 0.5, 1.0], [0.2, 0.9, 0.9]]]])
-  present = jnp.asarray([[True, True, False]])
-  inside = jnp.asarray([[[True, True, False]]])
-  p = np.asarray(B.unary_probabilities(u, present, inside))
-  np.testing.assert_allclose(p[0, 0, 0], [0.268941, 0.731059, 0.0],
-                             atol=1e-6)
-  np.testing.assert_allclose(p[0, 0, 1], [0.5, 0.5, 0.0], atol=1e-7)
-  np.testing.assert_array_equal(p[0, 0, 2], [1.0, 0.0, 0.0])
-  np.testing.assert_array_equal(p[..., 2], 0.0)           # absent: exactly 0
-  np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------
 # Projection trick = naive mean of explicitly upsampled features
 # ----------------------------------------------------------------------------
 def _naive_means(features, weights):
@@ -153,15 +117,6 @@ def _naive_means(features, weights):
   sums = jnp.einsum('bhwk,bhwd->bkd', w, up,
                     precision=jax.lax.Precision.HIGHEST)
   return sums / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1e-12)[..., None]
-
-
-def test_ac_true_matrix_matches_resize():
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, 7, 1)),
-                  jnp.float32)
-  up = resize_bilinear(x, (33, 49), align_corners=True)
-  mine = jnp.einsum('Hh,hw,Ww->HW', B.ac_true_matrix(33, 5), x[0, ..., 0],
-                    B.ac_true_matrix(49, 7))
-  np.testing.assert_allclose(mine, up[0, ..., 0], atol=1e-5)
 
 
 def test_background_query_and_prototypes_projection_equals_naive():
@@ -178,28 +133,9 @@ def test_background_query_and_prototypes_projection_equals_naive():
   bg = jnp.asarray(rng.random((2, 33, 49)) < 0.3)
   u0, _ = background_unary(features, bg, ~bg, threshold=0.0)
   q = _naive_means(features, bg[..., None])
-  a = resize_bilinear(B.cosine_scores(features, q), (33, 49),
+  a = resize_bilinear(R.cosine_scores(features, q), (33, 49),
                       align_corners=True)[..., 0]
   np.testing.assert_allclose(u0, jnp.where(bg, 1.0, a), atol=1e-5)
-
-
-# ----------------------------------------------------------------------------
-# After the CRF
-# ----------------------------------------------------------------------------
-def test_mask_marginals_and_agreement():
-  boxes, labels = _boxes([(0, 0, 2, 1, 1), (1, 0, 3, 1, 2)])
-  masks = B.class_box_masks(boxes, labels, 3, (1, 4))
-  q = np.asarray([[[[0.1, 0.2, 0.7],      # class 2 outside its box -> 1
-                    [0.1, 0.3, 0.6],      # both boxes -> 2
-                    [0.3, 0.6, 0.1],      # class 1 outside its box -> 0
-                    [0.2, 0.5, 0.3]]]], np.float32)   # outside -> 0
-  y = B.mask_marginals(q, np.asarray(masks))
-  assert isinstance(y, np.ndarray)
-  np.testing.assert_array_equal(y, [[[1, 2, 0, 0]]])
-  np.testing.assert_array_equal(B.mask_marginals(jnp.asarray(q), masks), y)
-  same, fused = B.agreement(y, np.asarray([[[1, 1, 0, 2]]], np.int32))
-  np.testing.assert_array_equal(same, [[[True, False, True, False]]])
-  np.testing.assert_array_equal(fused, [[[1, 255, 0, 255]]])
 
 
 # ----------------------------------------------------------------------------
@@ -282,7 +218,7 @@ def test_passes_jit_both_resolutions(resolution):
   np.testing.assert_array_equal(probs[0][..., 2], 0.0)
   # Image 0 has one box per class: both normalisations agree there.
   np.testing.assert_allclose(out['cam'][0], out_box['cam'][0], atol=1e-6)
-  y_crf = B.mask_marginals(np.asarray(out['probs']),
+  y_crf = R.mask_marginals(np.asarray(out['probs']),
                            np.asarray(out['class_masks']))
   y_ret = B.second_pass_jit(features, kernel, jnp.asarray(y_crf), boxes,
                             labels, image_hw=hw, resolution=resolution)

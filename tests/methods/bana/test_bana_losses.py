@@ -1,11 +1,17 @@
 """BANA stage-3 losses (Eqs. 10–14, supp. 1, 4–8) by hand-computed cases."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from wsss_jax.methods.bana import losses as L
+from wsss_jax.methods.bana import objective
+
+# The paper's values (configs/bana.py passes them from config.bana).
+PAPER = dict(gamma=7.0, lam=0.1, sigma_gradient=True)
 
 # One image, 1x4 pixels, C = 3 classes:
 #   p0: Y_crf = Y_ret = 0           -> S
@@ -99,15 +105,15 @@ def test_weighted_cross_entropy_normalised_by_sigma():
   s2 = 0.75 ** 2
   expected = (1.0 * CE1 + s2 * CE2) / (1.0 + s2)
   np.testing.assert_allclose(
-      L.weighted_cross_entropy(LOGITS, COSINES, Y_CRF, unreliable, 2.0),
+      L.weighted_cross_entropy(LOGITS, COSINES, Y_CRF, unreliable, 2.0,
+                               True),
       expected, rtol=1e-6)
 
 
 def test_noise_aware_loss_total_and_metrics():
   s7 = 0.75 ** 7
   wce = (CE1 + s7 * CE2) / (1.0 + s7)
-  loss, metrics = L.noise_aware_loss(LOGITS, COSINES, Y_CRF, Y_RET,
-                                     gamma=7.0, lam=0.1)
+  loss, metrics = L.noise_aware_loss(LOGITS, COSINES, Y_CRF, Y_RET, **PAPER)
   np.testing.assert_allclose(loss, CE0 + 0.1 * wce, rtol=1e-6)
   np.testing.assert_allclose(metrics['ce'], CE0, rtol=1e-6)
   np.testing.assert_allclose(metrics['wce'], wce, rtol=1e-6)
@@ -117,6 +123,8 @@ def test_noise_aware_loss_total_and_metrics():
 
 
 def _loss_and_grads(logits, cosines, y_crf, y_ret, **kw):
+  kw = dict(PAPER, **kw)
+
   def f(lg, cs):
     return L.noise_aware_loss(lg, cs, y_crf, y_ret, **kw)
   (loss, metrics), grads = jax.value_and_grad(f, argnums=(0, 1),
@@ -239,7 +247,7 @@ def test_bootstrap_beta_schedule():
 def test_baseline_loss_kinds_under_jit():
   _, unreliable = L.regions(Y_CRF, Y_RET)
   expected = {
-      'nal': L.noise_aware_loss(LOGITS, COSINES, Y_CRF, Y_RET)[0],
+      'nal': L.noise_aware_loss(LOGITS, COSINES, Y_CRF, Y_RET, **PAPER)[0],
       'ce_only': CE0,
       'entropy_reg': CE0 + 0.1 * L.entropy_regularization(LOGITS, unreliable),
       'bootstrap': CE0 + 0.1 * L.bootstrapping_loss(
@@ -252,7 +260,7 @@ def test_baseline_loss_kinds_under_jit():
   for kind in L.LOSS_KINDS:
     def loss_fn(lg, kind=kind):
       return L.baseline_loss(kind, lg, COSINES, Y_CRF, Y_RET,
-                             step=jnp.int32(50), total_steps=100)
+                             step=jnp.int32(50), total_steps=100, **PAPER)
     fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (loss, metrics), grads = fn(LOGITS)
     np.testing.assert_allclose(loss, expected[kind], rtol=1e-6, err_msg=kind)
@@ -263,7 +271,7 @@ def test_baseline_loss_kinds_under_jit():
 def test_ce_only_ignores_unreliable_pixels():
   changed = LOGITS.at[0, 0, 1:3].add(jnp.asarray([[3.0, -2.0, 1.0],
                                                   [-1.0, 4.0, 0.5]]))
-  kw = dict(step=0, total_steps=10)
+  kw = dict(step=0, total_steps=10, **PAPER)
   a = L.baseline_loss('ce_only', LOGITS, COSINES, Y_CRF, Y_RET, **kw)[0]
   b = L.baseline_loss('ce_only', changed, COSINES, Y_CRF, Y_RET, **kw)[0]
   np.testing.assert_allclose(a, b, rtol=1e-7)
@@ -276,4 +284,57 @@ def test_ce_only_ignores_unreliable_pixels():
 def test_invalid_kind_raises():
   with pytest.raises(ValueError, match='nal'):
     L.baseline_loss('focal', LOGITS, COSINES, Y_CRF, Y_RET, step=0,
+                    total_steps=10, **PAPER)
+
+
+def test_nal_parameters_have_no_default():
+  # γ, λ and the σ switch always come from config.bana (one source).
+  with pytest.raises(TypeError):
+    L.noise_aware_loss(LOGITS, COSINES, Y_CRF, Y_RET)
+  with pytest.raises(TypeError):
+    L.baseline_loss('nal', LOGITS, COSINES, Y_CRF, Y_RET, step=0,
                     total_steps=10)
+
+
+def _bana_config(**changes):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(
+      loss='nal', lam=0.1, gamma=7.0, grid=4, pooling='bap',
+      min_background_fraction=0.125, balance_rows=True,
+      compat=dict(bap_roi_grid=(1, 1), bap_sampling='aligned',
+                  nal_sigma_gradient=True)))
+  for key, value in changes.items():
+    section, name = (cfg.compat, key[7:]) if key.startswith('compat_') else (
+        cfg, key)
+    section[name] = value
+  return cfg
+
+
+def test_options_hold_plain_values():
+  nal = objective.NoiseAwareOptions.from_config(_bana_config())
+  assert nal == objective.NoiseAwareOptions('nal', 0.1, 7.0, True)
+  bap = objective.BapOptions.from_config(_bana_config())
+  assert bap == objective.BapOptions(4, (1, 1), 'aligned', 'bap', 0.125, True)
+  assert type(bap.roi_grid) is tuple and type(bap.grid) is int
+
+
+@pytest.mark.parametrize('changes, message', [
+    (dict(loss='focal'), "bana.loss='focal': expected one of"),
+    (dict(lam=-1.0), 'bana.lam=-1.0'),
+    (dict(gamma=-7.0), 'bana.gamma=-7.0'),
+])
+def test_noise_aware_options_name_the_bad_field(changes, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    objective.NoiseAwareOptions.from_config(_bana_config(**changes))
+
+
+@pytest.mark.parametrize('changes, message', [
+    (dict(grid=0), 'bana.grid=0'),
+    (dict(pooling='max'), "bana.pooling='max'"),
+    (dict(min_background_fraction=2.0), 'bana.min_background_fraction=2.0'),
+    (dict(compat_bap_roi_grid=(3, 3)), 'bana.compat.bap_roi_grid=(3, 3)'),
+    (dict(compat_bap_sampling='nearest'), "bana.compat.bap_sampling='nearest'"),
+])
+def test_bap_options_name_the_bad_field(changes, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    objective.BapOptions.from_config(_bana_config(**changes))

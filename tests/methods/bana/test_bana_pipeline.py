@@ -14,8 +14,9 @@ from wsss_jax.methods.bana import objective
 from wsss_jax.methods.bana import pipeline as bana
 from wsss_jax.training.step import LossContext
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))))
+HERE = os.path.join(REPO, 'tests')
 
 
 def load_config(arg):
@@ -77,23 +78,25 @@ def _batch(size=32, num_classes=3):
 
 
 def test_stage3_loss_upsamples_to_the_crop_and_reports_nal_terms():
-  cfg = load_config('').bana
+  options = objective.NoiseAwareOptions.from_config(load_config('').bana)
   rng = np.random.default_rng(1)
   cos = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
   outputs = {'logits': 20.0 * cos, 'cosines': cos}
   context = LossContext(jnp.asarray(0), jax.random.PRNGKey(0), None)
-  loss, metrics = objective.segmentation_loss(cfg, 10)(outputs, _batch(), context)
+  loss, metrics = objective.segmentation_loss(options, 10)(
+      outputs, _batch(), context)
   assert np.isfinite(float(loss))
   assert {'ce', 'wce', 'reliable_fraction'} <= set(metrics)
   assert 0 < float(metrics['reliable_fraction']) < 1
   # ce_only ignores the disagreement region entirely.
   ce_loss, _ = objective.segmentation_loss(
-      load_config('ce_only').bana, 10)(outputs, _batch(), context)
+      objective.NoiseAwareOptions.from_config(load_config('ce_only').bana),
+      10)(outputs, _batch(), context)
   assert float(ce_loss) == pytest.approx(float(metrics['ce']), rel=1e-5)
 
 
 def test_semi_images_train_on_their_ground_truth():
-  cfg = load_config('semi').bana
+  options = objective.NoiseAwareOptions.from_config(load_config('semi').bana)
   batch = _batch()
   truth = np.full((2, 32, 32), 255, np.uint8)
   truth[0] = 1                           # image 0 carries ground truth
@@ -101,14 +104,16 @@ def test_semi_images_train_on_their_ground_truth():
   cos = jnp.zeros((2, 4, 4, 3), jnp.float32).at[..., 1].set(0.9)
   outputs = {'logits': 20.0 * cos, 'cosines': cos}
   context = LossContext(jnp.asarray(0), jax.random.PRNGKey(0), None)
-  _, metrics = objective.segmentation_loss(cfg, 10, bana.SEMI_KEY)(
+  _, metrics = objective.segmentation_loss(options, 10, bana.SEMI_KEY)(
       outputs, batch, context)
-  _, plain = objective.segmentation_loss(cfg, 10)(outputs, _batch(), context)
+  _, plain = objective.segmentation_loss(options, 10)(outputs, _batch(),
+                                                      context)
   # Image 0 is all-reliable class 1 now: more agreement than without it.
   assert float(metrics['reliable_fraction']) > float(
       plain['reliable_fraction'])
 
 
+@pytest.mark.slow
 def test_three_stages_end_to_end_skip_and_resume(tmp_path):
   config = load_config('tiny')
   config.bana.gap_label_images = 5       # of the 8 training images
@@ -152,6 +157,7 @@ def test_three_stages_end_to_end_skip_and_resume(tmp_path):
   assert again['val']['miou'] == pytest.approx(results['val']['miou'])
 
 
+@pytest.mark.slow
 def test_semi_variant_adds_its_label_stage_and_runs(tmp_path):
   config = load_config('semi,tiny')
   config.bana.compare_gap = False
@@ -162,6 +168,7 @@ def test_semi_variant_adds_its_label_stage_and_runs(tmp_path):
   assert results['training']['train']['steps'] == 2
 
 
+@pytest.mark.slow
 def test_official_code_switches_run_end_to_end(tmp_path):
   config = load_config('tiny,official_code')
   config.bana.compare_gap = False
@@ -170,6 +177,7 @@ def test_official_code_switches_run_end_to_end(tmp_path):
   assert np.isfinite(results['val']['miou'])
 
 
+@pytest.mark.slow
 def test_voc_setting_on_real_images_with_random_init(tmp_path):
   config = load_config('voc')
   config.data.update(data_dir=str(tmp_path / 'prepared'), train_split='train')

@@ -1,5 +1,8 @@
 """Box2Seg losses (Eqs. 1–11) by hand-computed cases and edge cases."""
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from wsss_jax.methods.box2seg import losses as L
+from wsss_jax.methods.box2seg import objective
 
 
 def _onehot(labels, num):
@@ -39,7 +43,8 @@ def test_foreground_attention_loss_hand_computed():
   class1 = -(0.5 * np.log(0.5) + 1.0 * np.log(0.8)) / 2
   class2 = -(0.25 * np.log(0.4)) / 1
   np.testing.assert_allclose(
-      L.foreground_attention_loss(LOG_Y, ALPHA, B, VALID), class1 + class2,
+      L.foreground_attention_loss(LOG_Y, ALPHA, B, VALID, 'sum'),
+      class1 + class2,
       rtol=1e-6)
   np.testing.assert_allclose(
       L.foreground_attention_loss(LOG_Y, ALPHA, B, VALID, 'mean'),
@@ -50,14 +55,15 @@ def test_background_and_aw_loss_hand_computed():
   np.testing.assert_allclose(L.background_loss(LOG_Y, B, VALID), -np.log(0.6),
                              rtol=1e-6)
   np.testing.assert_allclose(
-      L.attention_weighted_loss(LOG_Y, ALPHA, B, VALID),
-      L.foreground_attention_loss(LOG_Y, ALPHA, B, VALID) - np.log(0.6),
+      L.attention_weighted_loss(LOG_Y, ALPHA, B, VALID, 'sum'),
+      L.foreground_attention_loss(LOG_Y, ALPHA, B, VALID, 'sum')
+      - np.log(0.6),
       rtol=1e-6)
 
 
 def test_bbox_attention_loss_hand_computed():
   # Per cell Σ_c (B − α)²: (0,0): 0.25; (0,1): 0; (1,0): 0.5625; (1,1): 0.
-  np.testing.assert_allclose(L.bbox_attention_loss(ALPHA, B, VALID),
+  np.testing.assert_allclose(L.bbox_attention_loss(ALPHA, B, VALID, 'mean'),
                              (0.25 + 0.5625) / 4, rtol=1e-6)
   np.testing.assert_allclose(L.bbox_attention_loss(ALPHA, B, VALID, 'sum'),
                              0.25 + 0.5625, rtol=1e-6)
@@ -71,8 +77,9 @@ def test_fill_rates_and_margin_hand_computed():
   np.testing.assert_allclose(L.predicted_fill_rates(ALPHA, B, VALID),
                              [[0.75, 0.25]])
   # hinge: class 1: max(0, 0.35 − 0.75) = 0; class 2: 0.7 − 0.25 = 0.45.
-  np.testing.assert_allclose(L.fill_rate_loss(ALPHA, M, B, VALID, 0.7),
-                             0.45, rtol=1e-6)            # summed per image
+  np.testing.assert_allclose(
+      L.fill_rate_loss(ALPHA, M, B, VALID, 0.7, 'image_sum'),
+      0.45, rtol=1e-6)                                   # summed per image
   np.testing.assert_allclose(L.fill_rate_loss(ALPHA, M, B, VALID, 0.7, 'mean'),
                              0.45 / 2, rtol=1e-6)        # mean over pairs
   np.testing.assert_allclose(L.fill_rate_loss(ALPHA, M, B, VALID, 0.7, 'sum'),
@@ -84,9 +91,10 @@ def test_edge_cases_no_boxes_zero_area_all_background_zero_attention():
   zeros_alpha = jnp.zeros((1, 2, 2, 2))
   # No box at all: L_fg = 0, L_α terms = 0, L_bg over every cell.
   assert float(L.foreground_attention_loss(LOG_Y, zeros_alpha,
-                                           background_only, VALID)) == 0.0
+                                           background_only, VALID,
+                                           'sum')) == 0.0
   assert float(L.fill_rate_loss(zeros_alpha, background_only,
-                                background_only, VALID)) == 0.0
+                                background_only, VALID, 0.7, 'sum')) == 0.0
   # A class whose box covers no cell is absent, not 0/0.
   eta, present = L.grabcut_fill_rates(B, background_only, VALID)
   assert not bool(present.any()) and np.all(np.isfinite(eta))
@@ -95,15 +103,17 @@ def test_edge_cases_no_boxes_zero_area_all_background_zero_attention():
   assert float(L.background_loss(LOG_Y, all_boxes, VALID)) == 0.0
   # Attention all zeros: L_fg = 0 and the fill-rate margin pushes α up.
   M = B
-  grad = jax.grad(lambda a: L.fill_rate_loss(a, M, B, VALID))(zeros_alpha)
-  assert float(L.foreground_attention_loss(LOG_Y, zeros_alpha, B, VALID)) == 0
+  grad = jax.grad(lambda a: L.fill_rate_loss(a, M, B, VALID, 0.7, 'sum'))(
+      zeros_alpha)
+  assert float(L.foreground_attention_loss(LOG_Y, zeros_alpha, B, VALID,
+                                           'sum')) == 0
   assert float(grad[0, 0, 0, 0]) < 0 and float(grad[0, 1, 0, 1]) < 0
   # Every cell padded: everything finite and zero.
   none = jnp.zeros((1, 2, 2), bool)
   for value in (L.box_loss(LOG_Y, B, none), L.background_loss(LOG_Y, B, none),
-                L.foreground_attention_loss(LOG_Y, ALPHA, B, none),
-                L.bbox_attention_loss(ALPHA, B, none),
-                L.fill_rate_loss(ALPHA, B, B, none)):
+                L.foreground_attention_loss(LOG_Y, ALPHA, B, none, 'sum'),
+                L.bbox_attention_loss(ALPHA, B, none, 'mean'),
+                L.fill_rate_loss(ALPHA, B, B, none, 0.7, 'sum')):
     assert float(value) == 0.0
 
 
@@ -146,8 +156,8 @@ def test_affinity_loss_is_zero_for_perfect_embeddings():
   labels = jnp.asarray([[0, 0, 1, 2, 1]])
   targets = jax.nn.one_hot(labels, 3)
   beta = targets * 4.0                                  # orthogonal per class
-  assert abs(float(L.affinity_loss(beta, targets,
-                                   jnp.ones((1, 5), bool)))) < 1e-6
+  assert abs(float(L.affinity_loss(beta, targets, jnp.ones((1, 5), bool),
+                                   'mean'))) < 1e-6
 
 
 def test_sampler_is_class_balanced_and_redistributes():
@@ -170,8 +180,62 @@ def test_sampler_is_class_balanced_and_redistributes():
 
 
 def test_total_loss_weights():
-  assert float(L.total_loss(1.0, 2.0, 3.0, 4.0)) == 1 + 20 + 3 + 4
-  assert float(L.total_loss(1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0)) == 1.0
+  assert float(L.total_loss(1.0, 2.0, 3.0, 4.0, lambda_aw=10.0,
+                            lambda_alpha=1.0,
+                            lambda_affinity=1.0)) == 1 + 20 + 3 + 4
+  assert float(L.total_loss(1.0, 2.0, 3.0, 4.0, lambda_aw=0.0,
+                            lambda_alpha=0.0, lambda_affinity=0.0)) == 1.0
+
+
+def test_reductions_have_no_default():
+  # The value always comes from config.box2seg (one source per default).
+  for fn, args in ((L.foreground_attention_loss, (LOG_Y, ALPHA, B, VALID)),
+                   (L.bbox_attention_loss, (ALPHA, B, VALID)),
+                   (L.fill_rate_loss, (ALPHA, B, B, VALID, 0.7))):
+    with pytest.raises(TypeError):
+      fn(*args)
+
+
+def _box2seg_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(
+      weights=dict(box=0.0, grabcut=1.0, aw=10.0, alpha=1.0, affinity=1.0),
+      alpha_regularizer='fill_rate', fill_rate_gamma=0.7,
+      fill_rate_reduction='sum', fg_class_reduction='sum',
+      bbox_reg_reduction='sum', affinity_pair_fraction=0.1,
+      affinity_reduction='mean', affinity_stop_grad_y=False,
+      aw_warmup_steps=300))
+
+
+def test_options_hold_plain_values():
+  options = objective.Box2SegLossOptions.from_config(_box2seg_config())
+  assert options.weights == objective.LossWeights(0.0, 1.0, 10.0, 1.0, 1.0)
+  assert type(options.aw_warmup_steps) is int
+  assert type(options.fill_rate_gamma) is float
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    options.fill_rate_gamma = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('alpha_regularizer', 'x',
+     "box2seg.alpha_regularizer='x': expected 'fill_rate' or 'bbox'"),
+    ('fill_rate_reduction', 'max', 'box2seg.fill_rate_reduction='),
+    ('fg_class_reduction', 'max', 'box2seg.fg_class_reduction='),
+    ('bbox_reg_reduction', 'max', 'box2seg.bbox_reg_reduction='),
+    ('affinity_reduction', 'max', 'box2seg.affinity_reduction='),
+    ('fill_rate_gamma', 1.5, 'box2seg.fill_rate_gamma='),
+    ('affinity_pair_fraction', -0.1, 'box2seg.affinity_pair_fraction='),
+    ('aw_warmup_steps', -1, 'box2seg.aw_warmup_steps='),
+])
+def test_options_name_the_bad_field(field, value, message):
+  cfg = _box2seg_config()
+  cfg[field] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    objective.Box2SegLossOptions.from_config(cfg)
+  cfg = _box2seg_config()
+  cfg.weights.aw = -1.0
+  with pytest.raises(ValueError, match=re.escape('box2seg.weights.aw=-1.0')):
+    objective.Box2SegLossOptions.from_config(cfg)
 
 
 @settings(max_examples=20, deadline=None)
@@ -200,10 +264,11 @@ def test_gradients_finite_on_random_and_degenerate_inputs(seed, pad, no_boxes):
     b = jnp.take_along_axis(beta, index[..., None], axis=1)
     return L.total_loss(
         L.grabcut_loss(log_y, grabcut, valid),
-        L.attention_weighted_loss(log_y, alpha, box, valid),
-        L.fill_rate_loss(alpha, grabcut, box, valid)
-        + L.bbox_attention_loss(alpha, box, valid),
-        L.affinity_loss(b, y, picked))
+        L.attention_weighted_loss(log_y, alpha, box, valid, 'sum'),
+        L.fill_rate_loss(alpha, grabcut, box, valid, 0.7, 'sum')
+        + L.bbox_attention_loss(alpha, box, valid, 'mean'),
+        L.affinity_loss(b, y, picked, 'mean'),
+        lambda_aw=10.0, lambda_alpha=1.0, lambda_affinity=1.0)
 
   value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(
       logits, alpha_logits, beta)

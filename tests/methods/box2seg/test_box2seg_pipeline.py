@@ -14,8 +14,9 @@ from wsss_jax.models import weights
 from wsss_jax.runtime import make_runtime
 from wsss_jax.training.step import LossContext
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))))
+HERE = os.path.join(REPO, 'tests')
 
 
 def load_config(arg):
@@ -80,7 +81,7 @@ def _fake(num_classes=4, size=16, grid=4, batch=2):
 def test_each_table3_variant_has_exactly_its_terms(variant, terms):
   cfg = load_config(variant).box2seg
   outputs, batch = _fake()
-  loss_fn = box2seg.train_loss(cfg, 4)
+  loss_fn = box2seg.train_loss(box2seg.Box2SegLossOptions.from_config(cfg), 4)
   # Past the λ_AW warm-up every term carries its full weight.
   step = jnp.asarray(cfg.aw_warmup_steps, jnp.int32)
   total, metrics = loss_fn(outputs, batch, LossContext(
@@ -106,13 +107,13 @@ def test_each_table3_variant_has_exactly_its_terms(variant, terms):
 
 
 def test_pretrain_loss_is_the_affinity_on_grabcut_targets():
-  cfg = load_config('').box2seg
+  options = box2seg.Box2SegLossOptions.from_config(load_config('').box2seg)
   outputs, batch = _fake()
-  loss, metrics = box2seg.pretrain_loss(cfg, 4)(
+  loss, metrics = box2seg.pretrain_loss(options, 4)(
       outputs, batch, LossContext(0, jax.random.PRNGKey(0), None))
   assert set(metrics) == {'affinity'} and float(loss) > 0
   # The y and α branches get no gradient in phase 1.
-  grads = jax.grad(lambda o: box2seg.pretrain_loss(cfg, 4)(
+  grads = jax.grad(lambda o: box2seg.pretrain_loss(options, 4)(
       o, batch, LossContext(0, jax.random.PRNGKey(0), None))[0])(outputs)
   assert float(jnp.abs(grads['logits']).max()) == 0.0
   assert float(jnp.abs(grads['attention_logits']).max()) == 0.0
@@ -122,10 +123,11 @@ def test_pretrain_loss_is_the_affinity_on_grabcut_targets():
 def test_sample_count_follows_the_pair_fraction():
   cfg = load_config('').box2seg
   # n_s = ceil(sqrt(0.1) * m): ~10 % of the m^2 pairs.
-  assert box2seg.num_affinity_samples(cfg, 576) == 183
+  assert box2seg.num_affinity_samples(cfg.affinity_pair_fraction, 576) == 183
   assert 183 ** 2 / 576 ** 2 == pytest.approx(0.1, abs=0.002)
 
 
+@pytest.mark.slow
 def test_two_phases_switch_and_freeze_the_right_branches(tmp_path):
   config = load_config('tiny')
   results = run.train_and_evaluate(config, str(tmp_path))
@@ -156,6 +158,7 @@ def test_two_phases_switch_and_freeze_the_right_branches(tmp_path):
   assert 'Attention' in report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['semi', 'supervised_awl'])
 def test_table4_and_table5_variants_run(variant, tmp_path):
   results = run.train_and_evaluate(load_config(f'{variant},tiny'),
@@ -170,6 +173,7 @@ def test_table4_and_table5_variants_run(variant, tmp_path):
   assert np.isfinite(results['val']['miou'])
 
 
+@pytest.mark.slow
 def test_voc_variant_on_real_images_with_random_init(tmp_path):
   config = load_config('voc')
   config.data.update(data_dir=str(tmp_path / 'prepared'), train_split='train')

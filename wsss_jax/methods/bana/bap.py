@@ -1,7 +1,8 @@
 """BANA stage 1: background-aware pooling (Oh et al., CVPR 2021, Sect. 3.1).
 
 One pure function per step of the Labeler's forward pass and loss (paper Eqs.
-1–4; exact semantics of the official code in reference/bana.md §5.4):
+1–4; the semantics, with the official code's where the paper is silent, in
+docs/bana.md, "Stage 1 in detail", whose step numbers are cited below):
 
   M (definite background, input pixels) -> M at feature resolution (legacy
   nearest) -> N×N grid queries q_j (Eq. 1) -> every box resampled on a
@@ -16,16 +17,16 @@ last covered pixel indices are taken as x0 and x1 − 1.  Rows of `box_labels`
 that are ≤ 0 (the caller pads with −1) are padding and are ignored
 everywhere.  Sample coordinates are (row, col) positions on the feature grid
 (feature cell i has its centre at i).  Variable-size RoIs are sampled on a
-fixed max_samples × max_samples grid with a validity mask (reference §9.4),
+fixed max_samples × max_samples grid with a validity mask (step 5),
 so a jitted `bap_forward` compiles once for any box sizes.
 
-Paper/code switches (reference §9.3): `roi_grid` (1, 1) gives one r_i per box
+Paper/code switches (docs/bana.md, "Defaults and switches"): `roi_grid` (1, 1) gives one r_i per box
 (paper, default), (2, 2) four vectors per box (official code); `sampling`
 'aligned' samples exactly on the box extent in align_corners=True feature
 coordinates (paper, RoIAlign-consistent, default), 'grid_sample_ac_false'
 reproduces the code's grid_sample call.  The GAP fallback for images with
 ≤ 1/8 background and the single batch mean of the loss follow the code where
-the paper is silent (reference §6 items 3–4).  Nothing is detached.
+the paper is silent (steps 6 and 8).  Nothing is detached.
 
 Memory: the resampled box features are (B, N, S, S, D); with S = max(h, w) +
 1 by default this dominates the cost for many padded boxes, so callers should
@@ -60,7 +61,7 @@ def background_mask(boxes: jax.Array, box_labels: jax.Array,
 
   A pixel is background iff it is a real (non-padded) crop pixel and its
   centre (i + 0.5) lies inside no real box.  Crop padding is not background
-  (the official bg-mask is padded with 0, reference §5.9).  Computed
+  (the official bg-mask is padded with 0, step 1).  Computed
   separably (one (B, N, H) × (B, N, W) contraction), never as (B, N, H, W).
 
   Args:
@@ -80,9 +81,10 @@ def downsample_mask(mask: jax.Array, h: int, w: int) -> jax.Array:
   """PyTorch legacy 'nearest' resize of (B, H, W) to (B, h, w).
 
   src = floor(dst·in/out), top-left aligned (F.interpolate(mode='nearest'),
-  how the official code brings the bg mask to the feature grid, reference
-  §5.4 step 1); e.g. 8 -> 3 picks rows 0, 2, 5.  An explicit gather:
-  `jax.image.resize(..., 'nearest')` samples pixel centres instead (§9.4).
+  how the official code brings the bg mask to the feature grid, step 2);
+  e.g. 8 -> 3 picks rows 0, 2, 5.  An explicit gather:
+  `jax.image.resize(..., 'nearest')` samples pixel centres instead
+  (docs/implementation_notes.md, "Resizing and sampling conventions").
   """
   in_h, in_w = mask.shape[1], mask.shape[2]
   rows = (jnp.arange(h, dtype=jnp.int32) * in_h) // h
@@ -98,7 +100,7 @@ def _grid_pads(size: int, n: int) -> tuple[int, int]:
 def pad_to_grid(x: jax.Array, n: int) -> jax.Array:
   """Zero-pads axes 1 and 2 of (B, h, w, ...) to multiples of n.
 
-  The official `pad_for_grid` rule (reference §5.4 step 2): an even pad
+  The official `pad_for_grid` rule (step 3): an even pad
   amount is split evenly between the two sides, an odd amount goes entirely
   to the bottom (right).  41 with n = 4: 0 above, 3 below -> 44.
   """
@@ -170,7 +172,7 @@ def box_sampling_grid(boxes: jax.Array, image_hw: tuple[int, int],
   The first/last covered pixels x0, x1 − 1 map to feature coordinates with
   align_corners=True, x_f = x·(fW − 1)/(W − 1); the grid has BW = ceil(x1_f)
   − floor(x0_f) columns (≥ 1, ≤ max_samples), about one per feature cell
-  (reference §5.4 step 5), and BH rows likewise.
+  (step 5), and BH rows likewise.
 
   mode 'aligned' (paper, default): BW points evenly spaced from x0_f to x1_f
   inclusive (one point at x0_f if BW = 1).  mode 'grid_sample_ac_false'
@@ -284,7 +286,7 @@ def pool_boxes(roi_features: jax.Array, weights: jax.Array,
   """Weighted average pooling of each box, BANA Eq. (4).
 
   roi_grid (1, 1) (paper): r_i = Σ w f / (Σ w + 1e-12) over the box's valid
-  samples.  (2, 2) (official `weighted_avg_pool_2d`, reference §5.4 step 7):
+  samples.  (2, 2) (official `weighted_avg_pool_2d`, step 7):
   along an axis with n valid samples, stride s = n // 2 and kernel k = n − s
   give window 0 = samples [0, k) and window 1 = [s, s + k) (the windows share
   the middle sample for odd n and are both the single sample for n = 1);
@@ -324,7 +326,7 @@ def bap_forward(features: jax.Array, boxes: jax.Array, box_labels: jax.Array,
 
   pooling 'bap': weights 1 − A; 'gap' (Table 1 baseline): A = 0 (weights 1),
   the queries are still returned for classification.  Fallback (official
-  code, paper silent; reference §5.4 step 6): an image whose background
+  code, paper silent; step 6): an image whose background
   fraction (mean of the full-resolution M over all H×W crop pixels, padding
   included) is ≤ `min_background_fraction`, or that has no valid query, is
   pooled with weights 1; its valid queries are still classified.
@@ -389,8 +391,8 @@ def bap_loss(out: dict, kernel: jax.Array,
 
   Logits are x·W (1×1 conv without bias) for every fg row (target: its box
   class) and every valid query (target: 0, background).  One mean over all
-  valid rows of the batch, no fg/bg balancing (official code, reference
-  §5.4 step 9).  0, with finite gradients, when there is no row.
+  valid rows of the batch, no fg/bg balancing (official code, step 8) unless
+  `balance`.  0, with finite gradients, when there is no row.
 
   Args:
     out: `bap_forward` output ('fg', 'fg_labels', 'queries', 'query_valid').

@@ -1,42 +1,42 @@
-"""BANA stage 2 over a whole split: device passes, host DenseCRF, PNG folders.
+"""BANA stage 2 over a whole split, run on `wsss_jax.pseudo.engine`.
 
-For each group of same-size training images (one jit per image size; the
-embedded benchmark has one size, VOC a handful), in fixed-size batches:
+BANA's parts of the label job (the engine batches, pools and writes):
 
   device pass 1   Labeler features -> unaries u_0, u_c -> CRF input
                   probabilities (`bana_labels.first_pass`)
-  host            DenseCRF [4, 55, 3, 3, 3] in a process pool, foreground
+  host            DenseCRF [4, 55, 3, 3, 3] over the image's own classes
+                  (background and the classes with a box), foreground
                   channels zeroed outside their boxes, argmax -> Y_crf
+                  (`crf_labels`)
   device pass 2   prototypes from Y_crf -> correlation maps -> Y_ret
                   (`bana_labels.second_pass`)
+  label maps      Y_crf, Y_ret and the agreement map (Y_crf where the two
+                  agree, 255 elsewhere), scored to report Table 1's
+                  "Y_crf & Y_ret" row.
 
-The device passes of the next batch run while the workers are busy with the
-CRFs of the previous ones (`host.pool.HostPool.submit`).  Resumable: images
-whose Y_crf and Y_ret PNGs both exist are skipped.  A third folder holds the
-agreement map (Y_crf where the two agree, 255 elsewhere), scored to report
-Table 1's "Y_crf & Y_ret" row.
+The engine overlaps the device passes of the next batch with the CRFs of the
+previous ones, compiles once per image size, and skips images whose three
+PNGs exist.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
-import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsss_jax.data import boxes as box_rows
 from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.host import crf as crf_lib
-from wsss_jax.host import pool as pool_lib
 from wsss_jax.methods.bana import labels as bana_labels
 from wsss_jax.ops import image as image_ops
+from wsss_jax.pseudo import engine
+from wsss_jax.pseudo import regions as pseudo_regions
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,15 @@ class LabelOptions:
 
 
 def make_passes(model, normalization: str, options: LabelOptions):
-  """The two jitted device passes (one compilation per image size)."""
+  """The two jitted device passes, on the engine's batches (one compilation
+  per image size):
+
+    first(variables, batch) -> {'probs' (B, H, W, C) float32, 'class_masks'
+      (B, H, W, C) bool, 'present' (B, C) bool, 'no_background' (B,) bool}
+    second(variables, batch, y_crf (B, H, W) int) -> Y_ret (B, H, W) int32
+
+  `batch` as in `wsss_jax.pseudo.engine.LabelJob.first_pass`.
+  """
 
   def features_and_kernel(variables, images):
     x = image_ops.normalize_images(images, normalization)
@@ -83,33 +91,73 @@ def make_passes(model, normalization: str, options: LabelOptions):
     return out['features'], kernel.astype(jnp.float32)
 
   @jax.jit
-  def first(variables, images, boxes, labels):
+  def first(variables, batch):
+    images = batch[schema.IMAGE]
     features, kernel = features_and_kernel(variables, images)
     out = bana_labels.first_pass(
-        features, kernel, boxes, labels, images.shape[1:3], per=options.per,
-        resolution=options.resolution, threshold=options.threshold)
-    return out['probs'], out['class_masks'], out['no_background']
+        features, kernel, batch[schema.BOXES], batch[schema.BOX_LABELS],
+        images.shape[1:3], per=options.per, resolution=options.resolution,
+        threshold=options.threshold)
+    return {key: out[key]
+            for key in ('probs', 'class_masks', 'present', 'no_background')}
 
   @jax.jit
-  def second(variables, images, y_crf, boxes, labels):
+  def second(variables, batch, y_crf):
+    images = batch[schema.IMAGE]
     features, kernel = features_and_kernel(variables, images)
-    return bana_labels.second_pass(features, kernel, y_crf, boxes, labels,
-                                   images.shape[1:3],
-                                   resolution=options.resolution)
+    return bana_labels.second_pass(
+        features, kernel, y_crf.astype(jnp.int32), batch[schema.BOXES],
+        batch[schema.BOX_LABELS], images.shape[1:3],
+        resolution=options.resolution)
 
   return first, second
 
 
-def crf_labels(item: tuple[np.ndarray, np.ndarray, np.ndarray],
+def crf_labels(item: Mapping[str, Any],
                params: crf_lib.CrfParams) -> np.ndarray:
-  """Worker body: DenseCRF of one image, classes masked to their boxes,
-  argmax -> Y_crf uint8 (H, W).  item = (image uint8 (H, W, 3), probs
-  (H, W, C), class_masks bool (H, W, C))."""
-  image, probs, class_masks = item
-  marginals = crf_lib.dense_crf(image, np.transpose(probs, (2, 0, 1)), params)
-  q = np.transpose(marginals, (1, 2, 0))[None]
-  return np.asarray(bana_labels.mask_marginals(q, class_masks[None]))[0] \
-      .astype(np.uint8)
+  """Worker body: Y_crf uint8 (H, W) of one image.
+
+  DenseCRF over the image's own classes only (background and the classes
+  with a box, `item['present']`), as the official BANA code does: the other
+  channels have probability 0 everywhere and are left out (they would only
+  cost time: the CRF's run time grows with the channels).  Their marginals
+  count as 0; foreground channels are then zeroed outside their class boxes
+  and the argmax taken (ties to the lowest class id).
+
+  item: the engine's host item, with 'image' uint8 (H, W, 3), 'probs'
+  float32 (H, W, C), 'class_masks' bool (H, W, C), 'present' bool (C,).
+  """
+  probs = np.asarray(item['probs'])
+  channels = np.flatnonzero(np.asarray(item['present'], bool)
+                            | (np.arange(probs.shape[-1]) == 0))
+  marginals = crf_lib.dense_crf(
+      item[schema.IMAGE], np.transpose(probs[..., channels], (2, 0, 1)),
+      params)
+  q = np.zeros(probs.shape, np.float32)
+  q[..., channels] = np.transpose(marginals, (1, 2, 0))
+  return np.asarray(pseudo_regions.mask_marginals(
+      q[None], np.asarray(item['class_masks'])[None]))[0].astype(np.uint8)
+
+
+def label_maps(y_crf: np.ndarray, y_ret: np.ndarray) -> dict[str, np.ndarray]:
+  """The three maps of an image from Y_crf (host) and Y_ret (pass 2)."""
+  y_ret = np.asarray(y_ret).astype(np.uint8)
+  return {Y_CRF: y_crf, Y_RET: y_ret,
+          AGREEMENT: np.where(y_crf == y_ret, y_crf,
+                              schema.IGNORE_LABEL).astype(np.uint8)}
+
+
+def label_job(variables, passes, options: LabelOptions) -> engine.LabelJob:
+  """BANA's stage 2 as an engine job (`passes` from `make_passes`)."""
+  first, second = passes
+  return engine.LabelJob(
+      outputs=(Y_CRF, Y_RET, AGREEMENT),
+      first_pass=functools.partial(first, variables),
+      host_fn=functools.partial(crf_labels, params=options.crf),
+      second_pass=functools.partial(second, variables),
+      label_maps=label_maps, batch_size=options.batch_size,
+      box_rows=options.max_boxes, counted=('no_background',),
+      desc='bana labels')
 
 
 def generate(source, image_ids, heights, widths, variables, passes,
@@ -129,84 +177,12 @@ def generate(source, image_ids, heights, widths, variables, passes,
     counts and throughput: images written/skipped, images with no
     background, images/s, device and host seconds.
   """
-  first, second = passes
-  done = (folders[Y_CRF].existing_ids() & folders[Y_RET].existing_ids()
-          & folders[AGREEMENT].existing_ids())
-  todo = [i for i, image_id in enumerate(image_ids) if image_id not in done]
-  by_size = collections.defaultdict(list)
-  for i in todo:
-    by_size[(int(heights[i]), int(widths[i]))].append(i)
-  stats = collections.Counter(skipped=len(image_ids) - len(todo))
-  device_seconds = 0.0
-  start = time.perf_counter()
-  pending: dict[int, dict[str, Any]] = {}   # batch number -> batch state
-  order: collections.deque = collections.deque()   # (batch number, slot)
-
-  def finish(batch_no: int) -> None:
-    nonlocal device_seconds
-    batch = pending.pop(batch_no)
-    tick = time.perf_counter()
-    y_crf = np.stack(batch['y_crf'])
-    y_crf = np.concatenate(   # back to the batch shape the pass compiled for
-        [y_crf, np.repeat(y_crf[-1:], len(batch['images']) - len(y_crf), 0)])
-    y_ret = np.asarray(jax.device_get(second(
-        variables, batch['images'], jnp.asarray(y_crf, jnp.int32),
-        batch['boxes'], batch['labels'])))
-    device_seconds += time.perf_counter() - tick
-    for slot, index in enumerate(batch['indices']):
-      image_id = image_ids[index]
-      crf_map, ret_map = y_crf[slot], y_ret[slot].astype(np.uint8)
-      folders[Y_CRF].write(image_id, crf_map)
-      folders[Y_RET].write(image_id, ret_map)
-      folders[AGREEMENT].write(
-          image_id, np.where(crf_map == ret_map, crf_map,
-                             schema.IGNORE_LABEL).astype(np.uint8))
-      stats['written'] += 1
-
-  def collect(label: np.ndarray) -> None:
-    batch_no, slot = order.popleft()
-    batch = pending[batch_no]
-    batch['y_crf'][slot] = label
-    batch['remaining'] -= 1
-    if batch['remaining'] == 0:
-      finish(batch_no)
-
-  fn = functools.partial(crf_labels, params=options.crf)
-  batch_no = 0
-  with pool_lib.HostPool(fn, workers, desc='bana labels',
-                         total=len(todo)) as pool:
-    for (height, width), indices in sorted(by_size.items()):
-      for begin in range(0, len(indices), options.batch_size):
-        chunk = indices[begin:begin + options.batch_size]
-        examples = [source[i] for i in chunk]
-        count = max([options.max_boxes] + [
-            int(np.sum(np.asarray(e[schema.BOX_LABELS]) >= 1))
-            for e in examples])
-        # Fixed batch shape: the last example repeats (its results dropped).
-        padded = examples + [examples[-1]] * (options.batch_size - len(chunk))
-        images = np.stack([e[schema.IMAGE] for e in padded])
-        boxes, labels = map(np.stack, zip(*[box_rows.pad_boxes(
-            e[schema.BOXES], e[schema.BOX_LABELS], count) for e in padded]))
-        tick = time.perf_counter()
-        probs, class_masks, no_background = jax.device_get(first(
-            variables, images, boxes, labels))
-        device_seconds += time.perf_counter() - tick
-        stats['no_background'] += int(np.sum(no_background[:len(chunk)]))
-        pending[batch_no] = dict(indices=chunk, images=images, boxes=boxes,
-                                 labels=labels, y_crf=[None] * len(chunk),
-                                 remaining=len(chunk))
-        for slot in range(len(chunk)):
-          order.append((batch_no, slot))
-          for label in pool.submit((images[slot], probs[slot],
-                                    class_masks[slot])):
-            collect(label)
-        batch_no += 1
-    for label in pool.drain():
-      collect(label)
-  seconds = time.perf_counter() - start
-  written = stats['written']
-  return {'written': written, 'skipped': stats['skipped'],
-          'no_background_images': stats['no_background'],
-          'seconds': seconds, 'device_seconds': device_seconds,
-          'images_per_second': written / seconds if written else None,
+  counts = engine.run(label_job(variables, passes, options), source,
+                      image_ids, folders, sizes=list(zip(heights, widths)),
+                      workers=workers)
+  return {'written': counts['written'], 'skipped': counts['skipped'],
+          'no_background_images': counts['no_background'],
+          'seconds': counts['seconds'],
+          'device_seconds': counts['device_seconds'],
+          'images_per_second': counts['images_per_second'],
           'crf_workers': workers}

@@ -7,12 +7,17 @@ host DenseCRF:
                and u_0 (Eq. 7, background attention with N = 1 and the
                0.99·max cut of Sect. 4.1), turned into probabilities by a
                softmax over the present channels inside boxes ([1, 0, …, 0]
-               outside; reference/bana.md §5.5, §6 item 10).  The host CRF
-               takes −log(clip(p, 1e-5, 1)).
-  mask_marginals  after the CRF: foreground channels zeroed outside their
-               class boxes, argmax -> Y_crf (§6 item 11).
+               outside; docs/bana.md).  The host CRF takes
+               −log(clip(p, 1e-5, 1)).
+  `wsss_jax.pseudo.regions.mask_marginals`  after the CRF: foreground
+               channels zeroed outside their class boxes, argmax -> Y_crf
+               (docs/bana.md).
   second_pass  prototypes q_c (Eq. 8) from Y_crf, ReLU(cos) retrieval
-               (Eq. 9) with the rules of §6 item 12 -> Y_ret.
+               (Eq. 9) with the rules of docs/bana.md -> Y_ret.
+
+The method-agnostic pieces (box masks, masked feature means, cosine scores,
+the CRF input softmax, the masked argmax, the agreement map, the CAM) live in
+`wsss_jax.pseudo.regions` and `wsss_jax.pseudo.cam`.
 
 Notation: features f (B, h, w, D) at output stride ~8, classifier kernel W
 (D, C) without bias, C = L + 1 channels, class 0 = background; boxes (B, N,
@@ -21,7 +26,7 @@ the pixels whose centres lie inside, `wsss_jax.data.boxes`), box_labels
 (B, N) int32 in 1..L, −1 on padded rows.  Every image of a call has the same
 size (H, W).
 
-Resolution (switch `stage2_map_resolution`, reference §9.3):
+Resolution (switch `stage2_map_resolution`, docs/bana.md):
   'upsample_maps' (default, paper footnote 3): CAM, the background
     attention A and the correlations C_c are computed on f and upsampled with
     align_corners=True (AC-True) to (H, W); the 0.99·max cut and the
@@ -37,7 +42,7 @@ Normalisation of u_c (switch `u_c_normalisation`): 'class' (Eq. 5, max over
 the union of the class's boxes, default) or 'box' (official code: each box by
 its own max, a later box of the same class overwriting earlier ones).
 
-Not reproduced (reference §9.2): the official code's NaN background query
+Not reproduced (docs/bana.md): the official code's NaN background query
 for an image without definite background.  Here u_0 = 0 inside boxes, the
 image is flagged `no_background`, and Y_ret falls back to the normalised
 classifier column W[:, 0] for the background prototype.
@@ -50,16 +55,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-from wsss_jax.ops.features import l2_normalize
-from wsss_jax.ops import boxes as box_ops
 from wsss_jax.ops.resize import resize_bilinear
+from wsss_jax.pseudo.cam import class_activation_maps
+from wsss_jax.pseudo.regions import (box_coverage, class_box_masks,
+                                     cosine_scores, masked_feature_means,
+                                     present_classes, unary_probabilities)
 
 _EPS = 1e-12
-_HI = lax.Precision.HIGHEST
-IGNORE = 255
 
 _PER = {'class': 'class', 'per_class': 'class', 'box': 'box',
         'per_box': 'box'}
@@ -80,112 +83,6 @@ def _check_resolution(resolution: str) -> str:
   return resolution
 
 
-# ----------------------------------------------------------------------------
-# Boxes
-# ----------------------------------------------------------------------------
-def box_coverage(boxes: jax.Array, box_labels: jax.Array,
-                 image_hw: tuple[int, int]) -> jax.Array:
-  """(B, N, H, W) bool: pixel centres inside each real box (padded rows and
-  boxes without a pixel centre cover nothing)."""
-  in_y, in_x = box_ops.centre_membership(boxes, box_labels, image_hw)
-  return in_y[..., :, None] & in_x[..., None, :]
-
-
-def class_box_masks(boxes: jax.Array, box_labels: jax.Array,
-                    num_classes: int, image_hw: tuple[int, int]
-                    ) -> jax.Array:
-  """Class box masks (B, H, W, C) bool.
-
-  Channel c ≥ 1: inside some box of class c (the set B_c of Eq. 5); channel
-  0: outside every box (definite background M).  Rows with label −1 are
-  ignored.  Computed separably (rows × columns × one-hot), no (B, N, H, W, C)
-  intermediate.
-  """
-  labels = jnp.asarray(box_labels, jnp.int32)
-  in_y, in_x = box_ops.centre_membership(boxes, labels, image_hw)
-  in_y, in_x = in_y.astype(jnp.float32), in_x.astype(jnp.float32)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  # Cover counts per class: exact small integers.
-  yc = jnp.einsum('bnh,bnc->bnhc', in_y, onehot)
-  counts = jnp.einsum('bnhc,bnw->bhwc', yc, in_x, precision=_HI)
-  masks = counts > 0.5
-  outside = ~jnp.any(masks[..., 1:], axis=-1)
-  return masks.at[..., 0].set(outside)
-
-
-def present_classes(box_labels: jax.Array, num_classes: int) -> jax.Array:
-  """(B, C) bool: background always; class c iff the image has a box of c."""
-  labels = jnp.asarray(box_labels, jnp.int32)
-  onehot = (labels[..., None] == jnp.arange(num_classes)) & (
-      labels >= 1)[..., None]
-  return jnp.any(onehot, axis=1).at[:, 0].set(True)
-
-
-# ----------------------------------------------------------------------------
-# AC-True interpolation and masked means of upsampled features
-# ----------------------------------------------------------------------------
-def ac_true_matrix(out_size: int, in_size: int) -> jax.Array:
-  """(out, in) float32 matrix U with U @ x = AC-True bilinear resize of x.
-
-  Output i samples input coordinate i·(in − 1)/(out − 1) (reference §2);
-  each row has at most two non-zero weights summing to 1.
-  """
-  out_size, in_size = int(out_size), int(in_size)
-  if out_size == in_size:
-    return jnp.eye(out_size, dtype=jnp.float32)
-  scale = (in_size - 1) / max(out_size - 1, 1)
-  src = np.arange(out_size, dtype=np.float64) * scale
-  low = np.clip(np.floor(src), 0, in_size - 1).astype(np.int64)
-  high = np.minimum(low + 1, in_size - 1)
-  frac = src - low
-  matrix = np.zeros((out_size, in_size), np.float64)
-  np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
-  np.add.at(matrix, (np.arange(out_size), high), frac)
-  return jnp.asarray(matrix, jnp.float32)
-
-
-def masked_feature_sums(features: jax.Array, weights: jax.Array
-                        ) -> tuple[jax.Array, jax.Array]:
-  """Σ_p m_k(p) f_up(p) and Σ_p m_k(p) over full-resolution masks.
-
-  f_up = AC-True upsampling of `features` (B, h, w, D) to the mask size
-  (H, W); `weights` (B, H, W, K) (bool or float).  The upsampled features
-  are never built: Σ_p m(p) f_up(p) = Σ_ij (Uyᵀ m Ux)_ij f_ij.  With
-  (h, w) = (H, W) this is the plain masked sum.
-
-  Returns:
-    (sums (B, K, D) float32, counts (B, K) float32).
-  """
-  features = jnp.asarray(features, jnp.float32)
-  weights = jnp.asarray(weights, jnp.float32)
-  (h, w), (height, width) = features.shape[1:3], weights.shape[1:3]
-  counts = jnp.sum(weights, axis=(1, 2))
-  if (h, w) != (height, width):
-    uy, ux = ac_true_matrix(height, h), ac_true_matrix(width, w)
-    weights = jnp.einsum('Hh,bHWk->bhWk', uy, weights, precision=_HI)
-    weights = jnp.einsum('bhWk,Ww->bhwk', weights, ux, precision=_HI)
-  sums = jnp.einsum('bhwk,bhwd->bkd', weights, features, precision=_HI)
-  return sums, counts
-
-
-def masked_feature_means(features: jax.Array, weights: jax.Array
-                         ) -> tuple[jax.Array, jax.Array]:
-  """Means of the AC-True-upsampled features over each mask, (B, K, D), and
-  non-empty flags (B, K).  An empty mask gives a zero mean (not NaN)."""
-  sums, counts = masked_feature_sums(features, weights)
-  return sums / jnp.maximum(counts, _EPS)[..., None], counts > 0
-
-
-def cosine_scores(features: jax.Array, queries: jax.Array) -> jax.Array:
-  """ReLU(cos(f(p), q_k)), (B, h, w, K), for f (B, h, w, D), q (B, K, D).
-
-  Both sides are normalised by max(‖·‖, 1e-12), so a zero query or feature
-  scores 0."""
-  f = l2_normalize(jnp.asarray(features, jnp.float32))
-  q = l2_normalize(jnp.asarray(queries, jnp.float32))
-  return jax.nn.relu(jnp.einsum('bhwd,bkd->bhwk', f, q, precision=_HI))
-
-
 def _upsample(maps: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
   return resize_bilinear(jnp.asarray(maps, jnp.float32),
                          (int(image_hw[0]), int(image_hw[1])),
@@ -195,14 +92,6 @@ def _upsample(maps: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
 # ----------------------------------------------------------------------------
 # First pass: unaries (Eqs. 5-7) and CRF input probabilities
 # ----------------------------------------------------------------------------
-def class_activation_maps(features: jax.Array, kernel: jax.Array
-                          ) -> jax.Array:
-  """CAM_c = ReLU(f·w_c), Eq. (6), (B, h, w, C)."""
-  return jax.nn.relu(jnp.einsum(
-      'bhwd,dc->bhwc', jnp.asarray(features, jnp.float32),
-      jnp.asarray(kernel, jnp.float32), precision=_HI))
-
-
 def normalized_cam(cam: jax.Array, boxes: jax.Array, box_labels: jax.Array,
                    class_masks: jax.Array, per: str = 'class') -> jax.Array:
   """u_c, Eq. (5): CAM_c / (max of CAM_c over B_c + 1e-12) inside B_c.
@@ -259,7 +148,7 @@ def background_unary(features: jax.Array, bg_mask: jax.Array,
   feature resolution (h, w) ('upsample_maps': A is computed there and
   upsampled, q is the mean of the upsampled features over the mask) or at
   image resolution (H, W) ('upsample_features').  Values of A below
-  threshold·max(A over the whole image) are set to 0 (reference §5.5);
+  threshold·max(A over the whole image) are set to 0 (docs/bana.md);
   u_0 = 1 outside boxes, A inside.
 
   Args:
@@ -280,24 +169,6 @@ def background_unary(features: jax.Array, bg_mask: jax.Array,
   attention = jnp.where(has_bg[:, None, None], attention, 0.0)
   u0 = jnp.where(inside_any_box, attention, 1.0)
   return u0, ~has_bg
-
-
-def unary_probabilities(u: jax.Array, present: jax.Array,
-                        inside_any_box: jax.Array) -> jax.Array:
-  """CRF input probabilities (B, H, W, C) float32 (reference §5.5).
-
-  Inside any box: softmax of u = [u_0, u_1, …, u_L] over the present
-  channels (absent classes get exactly 0).  Outside boxes: exactly
-  [1, 0, …, 0].  `present` (B, C) must include the background.
-  """
-  u = jnp.asarray(u, jnp.float32)
-  keep = jnp.asarray(present, bool)[:, None, None, :]
-  logits = jnp.where(keep, u, -jnp.inf)
-  logits = logits - jnp.max(logits, axis=-1, keepdims=True)
-  e = jnp.where(keep, jnp.exp(logits), 0.0)
-  probs = e / jnp.sum(e, axis=-1, keepdims=True)
-  background = jax.nn.one_hot(0, u.shape[-1], dtype=jnp.float32)
-  return jnp.where(inside_any_box[..., None], probs, background)
 
 
 def first_pass(features: jax.Array, kernel: jax.Array, boxes: jax.Array,
@@ -347,34 +218,6 @@ def first_pass(features: jax.Array, kernel: jax.Array, boxes: jax.Array,
 
 
 # ----------------------------------------------------------------------------
-# After the CRF
-# ----------------------------------------------------------------------------
-def _xp(*arrays):
-  return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
-
-
-def mask_marginals(q, class_masks):
-  """Y_crf (B, H, W) int32: CRF marginals q (B, H, W, C) with every
-  foreground channel zeroed outside its class boxes, then argmax (ties to the
-  lowest index).  NumPy in, NumPy out; otherwise jax."""
-  xp = _xp(q, class_masks)
-  keep = xp.asarray(class_masks, bool)
-  keep = xp.concatenate([xp.ones_like(keep[..., :1]), keep[..., 1:]], -1)
-  masked = xp.where(keep, q, 0)
-  return xp.argmax(masked, axis=-1).astype(xp.int32)
-
-
-def agreement(y_crf, y_ret):
-  """(S, label map): S (B, H, W) bool where Y_crf == Y_ret; the label map is
-  Y_crf on S and 255 elsewhere (the reliable labels of Eq. 10).  NumPy in,
-  NumPy out; otherwise jax.  The map keeps Y_crf's dtype."""
-  xp = _xp(y_crf, y_ret)
-  same = y_crf == y_ret
-  labels = xp.where(same, y_crf, IGNORE).astype(y_crf.dtype)
-  return same, labels
-
-
-# ----------------------------------------------------------------------------
 # Second pass: prototypes (Eq. 8) and retrieval (Eq. 9)
 # ----------------------------------------------------------------------------
 def class_prototypes(features: jax.Array, labels: jax.Array,
@@ -402,7 +245,7 @@ def retrieval_scores(features: jax.Array, kernel: jax.Array,
                      y_crf: jax.Array, boxes: jax.Array,
                      box_labels: jax.Array, image_hw: tuple[int, int], *,
                      resolution: str = 'upsample_maps') -> jax.Array:
-  """Retrieval scores (B, H, W, C) float32 behind Y_ret (reference §5.5).
+  """Retrieval scores (B, H, W, C) float32 behind Y_ret (docs/bana.md).
 
   Queries: q_c from Y_crf (Eq. 8); a class absent from Y_crf (the
   background of an image without background included) uses the classifier

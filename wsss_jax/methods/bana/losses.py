@@ -6,7 +6,7 @@ cos(φ(p), W_c) (B, H, W, C) of the cosine classifier and logits τ·cos
 0.  Y_crf and Y_ret (B, H, W) are the two pseudo labels of stage 2, 255 =
 ignore (crop padding).  The caller brings logits, cosines and labels to one
 resolution (the official code: cosines upsampled to the crop, labels never
-downsampled; reference/bana.md §5.6).
+downsampled; docs/bana.md, "Stage 3 at the crop resolution").
 
   S  = pixels where Y_crf and Y_ret agree (reliable),
   ~S = pixels where they differ (unreliable); Y_crf = 255 is in neither.
@@ -14,7 +14,8 @@ downsampled; reference/bana.md §5.6).
 Every mean is over all pixels of the batch (one normaliser, as in the
 official code), not per image.  Every loss is finite, with finite gradients,
 when the region it averages over is empty (that term is 0); the official code
-returns NaN for an empty ~S (reference/bana.md §9.2), which is not reproduced.
+returns NaN for an empty ~S, which is not reproduced (docs/bana.md, "Bugs of
+the released code not reproduced").
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def regions(y_crf: jax.Array, y_ret: jax.Array,
   """The reliable region S and the unreliable region ~S (BANA Sect. 3.3).
 
   S = {p : Y_crf(p) = Y_ret(p) ≠ ignore}; ~S = {p : Y_crf(p) ≠ Y_ret(p),
-  Y_crf(p) ≠ ignore}.  As in the official code (reference/bana.md §5.6):
+  Y_crf(p) ≠ ignore}.  As in the official code (docs/bana.md, "Stage 3 at
+  the crop resolution"):
   a pixel with Y_crf ≠ 255 and Y_ret = 255 is unreliable; one with
   Y_crf = 255 is in neither region.
 
@@ -113,15 +115,14 @@ def reliable_cross_entropy(logits: jax.Array, y_crf: jax.Array,
 
 def weighted_cross_entropy(logits: jax.Array, cosines: jax.Array,
                            y_crf: jax.Array, unreliable: jax.Array,
-                           gamma: float, sigma_gradient: bool = True
-                           ) -> jax.Array:
+                           gamma: float, sigma_gradient: bool) -> jax.Array:
   """L_wce, BANA Eq. (13): −Σ_{p∈~S} σ(p) log H_{c*}(p) / Σ_{p∈~S} σ(p).
 
   σ from Eq. (12), c* = Y_crf(p).  Normalised by Σσ, not by |~S| (paper and
   official code).  The normaliser is max(Σσ, 1e-12): the term is 0 (the
   official code: NaN) when ~S is empty or Σσ = 0.  `sigma_gradient=True`
   differentiates through σ, as the official code does (the paper is silent;
-  reference/bana.md §9.1); False wraps σ in stop_gradient.
+  docs/bana.md, "Defaults and switches"); False wraps σ in stop_gradient.
 
   Args:
     logits: (B, H, W, C); cosines: (B, H, W, C); y_crf: (B, H, W);
@@ -138,13 +139,14 @@ def weighted_cross_entropy(logits: jax.Array, cosines: jax.Array,
 
 
 def noise_aware_loss(logits: jax.Array, cosines: jax.Array, y_crf: jax.Array,
-                     y_ret: jax.Array, *, gamma: float = 7.0,
-                     lam: float = 0.1, sigma_gradient: bool = True,
+                     y_ret: jax.Array, *, gamma: float, lam: float,
+                     sigma_gradient: bool,
                      ignore_label: int = schema.IGNORE_LABEL
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The NAL, BANA Eq. (14): L = L_ce (Eq. 10) + λ L_wce (Eq. 13).
 
-  γ = 7, λ = 0.1 (supp. Sect. 1).
+  The paper's γ = 7, λ = 0.1 (supp. Sect. 1) are `config.bana.gamma` and
+  `config.bana.lam`; `sigma_gradient` is `bana.compat.nal_sigma_gradient`.
 
   Args:
     logits: (B, H, W, C) τ·cosines; cosines: (B, H, W, C);
@@ -242,8 +244,7 @@ def bootstrap_beta(step: int | jax.Array, total_steps: int | jax.Array,
 def baseline_loss(kind: str, logits: jax.Array, cosines: jax.Array,
                   y_crf: jax.Array, y_ret: jax.Array, *,
                   step: int | jax.Array, total_steps: int | jax.Array,
-                  lam: float = 0.1, gamma: float = 7.0,
-                  sigma_gradient: bool = True,
+                  lam: float, gamma: float, sigma_gradient: bool,
                   ignore_label: int = schema.IGNORE_LABEL
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The stage-3 loss of BANA Table 3 / Table 4 by name (`LOSS_KINDS`).
@@ -257,8 +258,9 @@ def baseline_loss(kind: str, logits: jax.Array, cosines: jax.Array,
     'crf_only': plain CE against Y_crf at every pixel where it is not
       ignore (Table 4 "w/ Y_crf").
     'ret_only': plain CE against Y_ret likewise (Table 4 "w/ Y_ret").
-  λ = `lam` for all (0.1 in the paper and supplement).  `kind` is static
-  (a Python string): pass it outside jit.
+  λ = `lam` for all (0.1 in the paper and supplement); γ and
+  `sigma_gradient` are used by 'nal' only.  `kind` is static (a Python
+  string): pass it outside jit.
 
   Args:
     kind: one of LOSS_KINDS.

@@ -16,7 +16,8 @@
                     and without the CRF
 
 Paper first, the official code where the paper is silent, the code's other
-behaviours behind the switches of configs/bana.py (reference/bana.md §9).
+behaviours behind the switches of configs/bana.py (docs/bana.md, "Defaults
+and switches").
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import functools
 import os
 from typing import Any
 
-
+from wsss_jax import common_stages as cs
 from wsss_jax import segmentation
 from wsss_jax.atomic import json_safe
 from wsss_jax.data.label_png import LabelFolder
@@ -40,7 +41,7 @@ from wsss_jax.stages import MethodPipeline, PseudoLabels, Stage
 from wsss_jax.training import mesh as mesh_lib
 
 Y_CRF, Y_RET = bana_generate.Y_CRF, bana_generate.Y_RET
-SEMI_KEY = 'semi_mask'
+SEMI_KEY = cs.SEMI_KEY
 
 
 # ----------------------------------------------------------------------------
@@ -61,15 +62,7 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
   model = segmentation.build_segmenter(rt1)
   name = f'{prefix}classifier'
 
-  def train(context, stage_dir):
-    return segmentation.train_segmenter(
-        rt1, stage_dir, model=model, name=name,
-        loss_fn=objective.classifier_loss(config.bana), validate=False)
-
-  def labels(context, stage_dir):
-    _, variables = segmentation.load_trained(
-        rt1, os.path.join(context.workdir, name, segmentation.MODEL_FILE),
-        model)
+  def labels(context, stage_dir, variables):
     options = bana_generate.LabelOptions.from_config(config)
     folders = {key: LabelFolder(os.path.join(stage_dir, key))
                for key in (Y_CRF, Y_RET, bana_generate.AGREEMENT)}
@@ -97,12 +90,16 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
     return result
 
   return [
-      Stage(name, train, outputs=(segmentation.MODEL_FILE,),
-            description=f'stage 1: the Labeler with {pooling.upper()}'),
-      Stage(f'{prefix}labels', labels,
-            outputs=(Y_CRF, Y_RET, bana_generate.AGREEMENT),
-            description=f'stage 2: Y_crf and Y_ret from the '
-            f'{pooling.upper()} Labeler'),
+      cs.train_stage(
+          rt1, name, model=model, validate=False,
+          loss_fn=objective.classifier_loss(
+              objective.BapOptions.from_config(config.bana)),
+          description=f'stage 1: the Labeler with {pooling.upper()}'),
+      cs.model_label_stage(
+          rt1, f'{prefix}labels', name, model, labels,
+          outputs=(Y_CRF, Y_RET, bana_generate.AGREEMENT),
+          description=f'stage 2: Y_crf and Y_ret from the {pooling.upper()} '
+          'Labeler'),
   ]
 
 
@@ -125,35 +122,21 @@ def pipeline(rt: Runtime) -> MethodPipeline:
              Y_RET: os.path.join('labels', Y_RET)}
   semi = cfg.variant == 'semi'
   if semi:
-    def semi_labels(context, stage_dir):
-      return segmentation.make_partial_label_folder(
-          rt, os.path.join(stage_dir, 'labels'), cfg.semi_fraction,
-          workers=int(rt.config.eval.crf_workers))
-    stages.append(Stage('semi_labels', semi_labels, outputs=('labels',),
-                        description='ground truth for the labelled share'))
-    folders[SEMI_KEY] = os.path.join('semi_labels', 'labels')
+    stages.append(cs.partial_labels_stage(
+        rt, cfg.semi_fraction, workers=int(rt.config.eval.crf_workers)))
+    folders[SEMI_KEY] = cs.label_path('semi_labels')
   model = segmentation.build_segmenter(rt)
   num_steps = int(rt.config.train.num_steps)
-
-  def train(context, stage_dir):
-    return segmentation.train_segmenter(
-        rt, stage_dir, model=model, name='train',
-        loss_fn=objective.segmentation_loss(cfg, num_steps, SEMI_KEY if semi else None),
-        label_folders={key: os.path.join(context.workdir, path)
-                       for key, path in folders.items()})
-  stages.append(Stage('train', train, outputs=(segmentation.MODEL_FILE,),
-                      description=f'stage 3: segmentation with {cfg.loss}'))
-
-  def evaluate(context, stage_dir):
-    _, variables = segmentation.load_trained(
-        rt, os.path.join(context.workdir, 'train', segmentation.MODEL_FILE),
-        model)
-    # With the CRF on, the scores include 'without_crf' (same forward pass).
-    return segmentation.evaluate_model(
-        rt, stage_dir, model, variables,
-        num_train_examples=rt.config.report.num_examples)
-  stages.append(Stage('evaluate', evaluate,
-                      description='multi-scale + flip, with and without CRF'))
+  stages.append(cs.train_stage(
+      rt, 'train', model=model, label_folders=folders,
+      loss_fn=objective.segmentation_loss(
+          objective.NoiseAwareOptions.from_config(cfg), num_steps,
+          SEMI_KEY if semi else None),
+      description=f'stage 3: segmentation with {cfg.loss}'))
+  # With the CRF on, the scores include 'without_crf' (same forward pass).
+  stages.append(cs.evaluate_stage(
+      rt, 'train', model=model,
+      description='multi-scale + flip, with and without CRF'))
 
   return MethodPipeline(
       stages, eval_stage='evaluate', train_stages=tuple(

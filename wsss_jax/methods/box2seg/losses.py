@@ -5,10 +5,12 @@ are softmax probabilities (we take log y from a log-softmax), α (B, h, w, L)
 sigmoid attention for the L foreground classes, β (B, h, w, d) embeddings,
 B and M one-hot (B, h, w, L+1) box and GrabCut tensors (channel 0 =
 background).  `valid` (B, h, w) marks real (non-padded) cells: crop padding is
-not data (reference/box2seg.md §7 item 25).
+not data (docs/box2seg.md, "Choices the paper leaves open", 25).
 
-Where the paper is silent, the choices of reference/box2seg.md §7 are used
-and named in the docstrings; each is a config field of `configs/box2seg.py`.
+Where the paper is silent, the choices numbered in docs/box2seg.md ("Choices
+the paper leaves open", cited below as "choice N") are used and named in the
+docstrings; each is a config field of `configs/box2seg.py`, always passed in
+(no function here has a default that could disagree with the config).
 Every loss is finite, with finite gradients, when the region it averages over
 is empty (that term is 0).
 """
@@ -22,7 +24,12 @@ from jax import lax
 from wsss_jax.losses import safe_mean
 from wsss_jax.ops.features import l2_normalize
 
-
+# The aggregations each equation accepts (its config field in brackets); the
+# value used is always passed in, from `config.box2seg` (configs/box2seg.py).
+FG_CLASS_REDUCTIONS = ('sum', 'mean')                # [fg_class_reduction]
+BBOX_REG_REDUCTIONS = ('sum', 'mean')                # [bbox_reg_reduction]
+FILL_RATE_REDUCTIONS = ('sum', 'image_sum', 'mean')  # [fill_rate_reduction]
+AFFINITY_REDUCTIONS = ('mean', 'sum')                # [affinity_reduction]
 
 def _per_image_mean_ce(log_y: jax.Array, target: jax.Array,
                        valid: jax.Array) -> jax.Array:
@@ -58,16 +65,16 @@ def grabcut_loss(log_y: jax.Array, grabcut_onehot: jax.Array,
 
 def foreground_attention_loss(log_y: jax.Array, alpha: jax.Array,
                               box_onehot: jax.Array, valid: jax.Array,
-                              class_reduction: str = 'sum') -> jax.Array:
+                              class_reduction: str) -> jax.Array:
   """L_fg, Box2Seg Eq. (3): attention-weighted cross-entropy inside boxes.
 
   Per image and foreground class c: −Σ_i α(i,c) B(i,c) log y(i,c) / Σ_i B(i,c)
   (normalised by the box area "to give similar weighting to each class").
   The paper prints the normaliser outside Σ_c; we normalise per class and
-  sum over the classes present (`class_reduction='sum'`, §7 item 8) or
-  average them ('mean'); then mean over images.  α is not detached (§7
-  item 7: the paper's remark that α = 0 would minimise L_fg implies it
-  receives this gradient).
+  sum over the classes present (`class_reduction='sum'`, choice 8) or
+  average them ('mean'); then mean over images.  α is not detached (choice
+  7: the paper's remark that α = 0 would minimise L_fg implies it receives
+  this gradient).
 
   Args:
     log_y: (B, h, w, L+1); alpha: (B, h, w, L) in [0, 1];
@@ -94,7 +101,7 @@ def background_loss(log_y: jax.Array, box_onehot: jax.Array,
   """L_bg, Box2Seg Eq. (4): −Σ_i B(i,0) log y(i,0) / Σ_i B(i,0) per image.
 
   Cells outside every box are definite background.  An image without such a
-  cell contributes 0 (§7 item 9); mean over images.
+  cell contributes 0 (choice 9); mean over images.
   """
   bg = box_onehot[..., 0] * valid.astype(log_y.dtype)
   total = -jnp.sum(bg * log_y[..., 0], axis=(1, 2))
@@ -103,7 +110,7 @@ def background_loss(log_y: jax.Array, box_onehot: jax.Array,
 
 
 def attention_weighted_loss(log_y, alpha, box_onehot, valid,
-                            class_reduction: str = 'sum') -> jax.Array:
+                            class_reduction: str) -> jax.Array:
   """L_AW, Box2Seg Eq. (5): L_fg (Eq. 3) + L_bg (Eq. 4)."""
   return (foreground_attention_loss(log_y, alpha, box_onehot, valid,
                                     class_reduction)
@@ -111,13 +118,12 @@ def attention_weighted_loss(log_y, alpha, box_onehot, valid,
 
 
 def bbox_attention_loss(alpha: jax.Array, box_onehot: jax.Array,
-                        valid: jax.Array, reduction: str = 'mean'
-                        ) -> jax.Array:
+                        valid: jax.Array, reduction: str) -> jax.Array:
   """L_α^bbox, Box2Seg Eq. (6): Σ_i Σ_{c=1..L} ‖B(i,c) − α(i,c)‖².
 
-  The paper's unnormalised sum (`reduction='sum'`, per image) or, by default,
-  the mean over the image's valid cells of the per-cell sum over classes
-  (§7 item 10); mean over images.
+  `reduction` 'sum': the paper's unnormalised sum per image; 'mean': the
+  mean over the image's valid cells of the per-cell sum over classes; then
+  mean over images (choice 10).
   """
   valid_f = valid.astype(alpha.dtype)
   per_cell = jnp.sum((box_onehot[..., 1:] - alpha) ** 2, axis=-1) * valid_f
@@ -154,20 +160,19 @@ def predicted_fill_rates(alpha: jax.Array, box_onehot: jax.Array,
 
 def fill_rate_loss(alpha: jax.Array, grabcut_onehot: jax.Array,
                    box_onehot: jax.Array, valid: jax.Array,
-                   gamma: float = 0.7, reduction: str = 'sum'
-                   ) -> jax.Array:
+                   gamma: float, reduction: str) -> jax.Array:
   """L_α^fr, Box2Seg Sect. 3.3: max(0, γ η_c − η'_c) (Eqs. 7–8), γ = 0.7.
 
   One hinge per (image, present class); how they are aggregated is not in
-  the paper.  `reduction`:
-    'sum' (default): summed over images and classes.  With λ_AW = 10 and
-      λ_α = 1 the hinge then outweighs λ_AW·L_fg at a pixel while its
+  the paper (choice 11).  `reduction`:
+    'sum' (the config's value): summed over images and classes.  With
+      λ_AW = 10 and λ_α = 1 the hinge then outweighs λ_AW·L_fg at a pixel while its
       cross-entropy is below batch_size/10 (1.6 at batch 16), so α stays on
       the pixels the network may label with the box class;
     'image_sum': summed over the classes of an image, mean over images (the
       normalisation of L_fg);
-    'mean': mean over all (image, class) pairs (reference/box2seg.md §7 item
-      11).
+    'mean': mean over all (image, class) pairs (the reading noted under
+      choice 11).
   With 'image_sum' or 'mean' the hinge holds α only where the cross-entropy
   is below 0.1, and on the benchmark the attention collapsed to 0
   (docs/box2seg.md, "Attention collapse").  0 when no image has a box.
@@ -202,7 +207,7 @@ def class_balanced_sample(labels: jax.Array, valid: jax.Array, rng: jax.Array,
   a random order within each class: the k-th pick of every class comes
   before the (k+1)-th of any class.  So each present class gets an equal
   share, and a class with fewer cells gives all of them, the rest going to
-  the others (§7 item 4).  Fixed shapes: jit-friendly.
+  the others (choice 4).  Fixed shapes: jit-friendly.
 
   Args:
     labels: (B, m) integer class per cell (GrabCut labels M, background 0).
@@ -235,7 +240,7 @@ def class_balanced_sample(labels: jax.Array, valid: jax.Array, rng: jax.Array,
 
 
 def affinity_loss(beta: jax.Array, targets: jax.Array, picked: jax.Array,
-                  reduction: str = 'mean') -> jax.Array:
+                  reduction: str) -> jax.Array:
   """L_A, Box2Seg Eq. (10): Σ_{i≠j} (A(i,j) − y_jᵀ y_i)² over sampled pixels.
 
   A(i, j) is the cosine of Eq. (9).  Never materialises the n×n matrices: with
@@ -243,7 +248,7 @@ def affinity_loss(beta: jax.Array, targets: jax.Array, picked: jax.Array,
       Σ_{i,j∈P} (b_i·b_j − t_i·t_j)² = ‖BᵀB‖² − 2‖BᵀT‖² + ‖TᵀT‖²
   (Frobenius norms, O(n(d + L)²)), and the diagonal Σ_i (‖b_i‖² − ‖t_i‖²)²
   is subtracted.  `reduction='mean'` divides by the n(n−1) ordered pairs per
-  image (§7 item 5), 'sum' keeps the paper's sum; then mean over images.
+  image (choice 5), 'sum' keeps the paper's sum; then mean over images.
 
   Args:
     beta: (B, n, d) embeddings of the sampled pixels (unnormalised).
@@ -273,9 +278,11 @@ def affinity_loss(beta: jax.Array, targets: jax.Array, picked: jax.Array,
 
 
 def total_loss(l_gc: jax.Array, l_aw: jax.Array, l_alpha: jax.Array,
-               l_affinity: jax.Array, lambda_aw: float = 10.0,
-               lambda_alpha: float = 1.0, lambda_affinity: float = 1.0
-               ) -> jax.Array:
-  """L, Box2Seg Eq. (11): L_GC + λ_AW L_AW + λ_α L_α + λ_A L_A (10, 1, 1)."""
+               l_affinity: jax.Array, *, lambda_aw: float | jax.Array,
+               lambda_alpha: float, lambda_affinity: float) -> jax.Array:
+  """L, Box2Seg Eq. (11): L_GC + λ_AW L_AW + λ_α L_α + λ_A L_A.
+
+  The paper's weights are 10, 1, 1 (`config.box2seg.weights`).
+  """
   return (l_gc + lambda_aw * l_aw + lambda_alpha * l_alpha
           + lambda_affinity * l_affinity)

@@ -7,7 +7,7 @@ evaluator reads 'logits'), so inference has no extra parameters.
 
 Parameter tree: `backbone`, `decoder` (UPerNet), `head` (y), `attention_head`
 (α), `embedding_head` (β); the optimiser puts all but the backbone in the
-head learning-rate group (reference/box2seg.md §7 item 22).
+head learning-rate group (docs/box2seg.md, choice 22).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Box2SegNet(nn.Module):
   Attributes:
     backbone: returns {'features', 'levels'} (VGG c3..c5, ResNet c2..c5).
     num_classes: L + 1 (background included).
-    embed_dim: d, the embedding size (§7 item 1).
+    embed_dim: d, the embedding size (docs/box2seg.md, choice 1).
     decoder_channels: UPerNet width.
     branch_channels: hidden width of each 2-conv branch.
     levels: backbone levels fed to the decoder, finest first; the outputs

@@ -2,10 +2,15 @@
 functions of the two phases, composed from the equations in `losses`.
 
 The official code was never released: every choice the paper leaves open is a
-field of `config.box2seg` (configs/box2seg.py, docs/box2seg.md).
+field of `config.box2seg` (configs/box2seg.py, docs/box2seg.md).  Those fields
+are read once, into `Box2SegLossOptions`, when the stages are built; the loss
+functions close over the options and never see the config.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +23,90 @@ from wsss_jax.ops import boxes as box_ops
 from wsss_jax.training.step import LossContext
 
 GRABCUT_KEY = 'grabcut'
+ALPHA_REGULARIZERS = ('fill_rate', 'bbox')
+
+
+# ----------------------------------------------------------------------------
+# Options: `config.box2seg` resolved once
+# ----------------------------------------------------------------------------
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+  if value not in allowed:
+    raise ValueError(f'box2seg.{name}={value!r}: expected '
+                     + ' or '.join(repr(a) for a in allowed) + '.')
+  return str(value)
+
+
+def _number(name: str, value: Any, kind: type, low: float,
+            high: float | None = None) -> Any:
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        and low <= value and (high is None or value <= high)
+        and (kind is float or value == int(value)))
+  if not ok:
+    what = 'a number' if kind is float else 'an integer'
+    expected = f'in [{low}, {high}]' if high is not None else f'>= {low}'
+    raise ValueError(f'box2seg.{name}={value!r}: expected {what} {expected}.')
+  return kind(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """The weights of Eq. (11) per term (0 = term off): `config.box2seg.weights`.
+
+  box (L_box, Eq. 1), grabcut (L_GC, Eq. 2), aw (λ_AW, Eq. 5), alpha (λ_α),
+  affinity (λ_A, Eq. 10).
+  """
+  box: float
+  grabcut: float
+  aw: float
+  alpha: float
+  affinity: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Box2SegLossOptions:
+  """Every field of `config.box2seg` the two phases' losses read, as plain
+  Python values (docs/box2seg.md, "Choices the paper leaves open")."""
+  weights: LossWeights
+  alpha_regularizer: str           # 'fill_rate' (L_α^fr) or 'bbox' (Eq. 6)
+  fill_rate_gamma: float           # γ
+  fill_rate_reduction: str         # losses.FILL_RATE_REDUCTIONS
+  fg_class_reduction: str          # losses.FG_CLASS_REDUCTIONS
+  bbox_reg_reduction: str          # losses.BBOX_REG_REDUCTIONS
+  affinity_pair_fraction: float    # f of n_s = ceil(√f · m)
+  affinity_reduction: str          # losses.AFFINITY_REDUCTIONS
+  affinity_stop_grad_y: bool
+  aw_warmup_steps: int             # λ_AW ramp length (0: none)
+
+  @classmethod
+  def from_config(cls, cfg) -> Box2SegLossOptions:
+    """From `config.box2seg`; a bad value raises ValueError naming its field."""
+    weights = LossWeights(**{
+        name: _number(f'weights.{name}', cfg.weights[name], float, 0.0)
+        for name in ('box', 'grabcut', 'aw', 'alpha', 'affinity')})
+    return cls(
+        weights=weights,
+        alpha_regularizer=_choice('alpha_regularizer', cfg.alpha_regularizer,
+                                  ALPHA_REGULARIZERS),
+        fill_rate_gamma=_number('fill_rate_gamma', cfg.fill_rate_gamma, float,
+                                0.0, 1.0),
+        fill_rate_reduction=_choice('fill_rate_reduction',
+                                    cfg.fill_rate_reduction,
+                                    L.FILL_RATE_REDUCTIONS),
+        fg_class_reduction=_choice('fg_class_reduction',
+                                   cfg.fg_class_reduction,
+                                   L.FG_CLASS_REDUCTIONS),
+        bbox_reg_reduction=_choice('bbox_reg_reduction',
+                                   cfg.bbox_reg_reduction,
+                                   L.BBOX_REG_REDUCTIONS),
+        affinity_pair_fraction=_number('affinity_pair_fraction',
+                                       cfg.affinity_pair_fraction, float,
+                                       0.0, 1.0),
+        affinity_reduction=_choice('affinity_reduction',
+                                   cfg.affinity_reduction,
+                                   L.AFFINITY_REDUCTIONS),
+        affinity_stop_grad_y=bool(cfg.affinity_stop_grad_y),
+        aw_warmup_steps=_number('aw_warmup_steps', cfg.aw_warmup_steps, int,
+                                0))
 
 
 # ----------------------------------------------------------------------------
@@ -29,7 +118,7 @@ def box_labels_on_grid(boxes: jax.Array, box_labels: jax.Array,
   """The box tensor B in index form on the output grid, (B, h, w) int32.
 
   Box2Seg Sect. 3.1 (smaller box in front) with the rasterisation of
-  reference/box2seg.md §7 item 13: a cell belongs to a box when its centre
+  docs/box2seg.md ("Choices the paper leaves open", 13): a cell belongs to a box when its centre
   ((u + ½)·stride in input coordinates) is inside the half-open box; a box
   containing no centre gets the cell holding its own centre; boxes are
   painted in decreasing area, ties in annotation order (later on top).
@@ -89,33 +178,38 @@ def grid_targets(outputs: dict, batch: dict, num_classes: int,
           'valid_mask': valid_mask}
 
 
-def num_affinity_samples(cfg, grid_cells: int) -> int:
-  """n_s = ceil(√f · m): about a fraction f of the m² pixel pairs (§7 item 4)."""
-  return max(2, int(np.ceil(np.sqrt(cfg.affinity_pair_fraction) * grid_cells)))
+def num_affinity_samples(pair_fraction: float, grid_cells: int) -> int:
+  """n_s = ceil(√f · m): about a fraction f of the m² pixel pairs
+  (docs/box2seg.md, "Choices the paper leaves open", 3–4)."""
+  return max(2, int(np.ceil(np.sqrt(pair_fraction) * grid_cells)))
 
 
-def _sampled_affinity(outputs, targets, pair_targets, cfg, rng) -> jax.Array:
+def _sampled_affinity(outputs, targets, pair_targets, pair_fraction: float,
+                      reduction: str, rng) -> jax.Array:
   """L_A (Eq. 10) on class-balanced samples of the valid M cells."""
   batch, h, w, _ = outputs['embeddings'].shape
   labels = targets['mask_labels'].reshape(batch, -1)
   index, picked = L.class_balanced_sample(
       labels, targets['valid_mask'].reshape(batch, -1), rng,
-      num_affinity_samples(cfg, h * w))
+      num_affinity_samples(pair_fraction, h * w))
   gather = lambda x: jnp.take_along_axis(
       x.reshape(batch, h * w, x.shape[-1]), index[..., None], axis=1)
   return L.affinity_loss(gather(outputs['embeddings']), gather(pair_targets),
-                         picked, cfg.affinity_reduction)
+                         picked, reduction)
 
 
 # ----------------------------------------------------------------------------
 # Loss functions of the two phases
 # ----------------------------------------------------------------------------
-def pretrain_loss(cfg, num_classes: int):
+def pretrain_loss(options: Box2SegLossOptions, num_classes: int):
   """Phase 1 (Sect. 4.1): Eq. (10) with M_i in place of y_i."""
+  pair_fraction = options.affinity_pair_fraction
+  reduction = options.affinity_reduction
+
   def loss_fn(outputs, batch, context: LossContext):
     targets = grid_targets(outputs, batch, num_classes)
-    loss = _sampled_affinity(outputs, targets, targets['mask'], cfg,
-                             context.rng)
+    loss = _sampled_affinity(outputs, targets, targets['mask'], pair_fraction,
+                             reduction, context.rng)
     return loss, {'affinity': loss}
   return loss_fn
 
@@ -130,17 +224,17 @@ def aw_ramp(step: jax.Array, warmup_steps: int) -> jax.Array:
   return jnp.minimum(1.0, step.astype(jnp.float32) / float(warmup_steps))
 
 
-def train_loss(cfg, num_classes: int, mask_key: str = GRABCUT_KEY,
-               semi_key: str | None = None):
-  """Phase 2: Eq. (11) with the terms weighted by `config.box2seg.weights`.
+def train_loss(options: Box2SegLossOptions, num_classes: int,
+               mask_key: str = GRABCUT_KEY, semi_key: str | None = None):
+  """Phase 2: Eq. (11) with the terms weighted by `options.weights`.
 
   weights.box (Eq. 1), .grabcut (Eq. 2), .aw (λ_AW, Eq. 5), .alpha (λ_α, with
-  `alpha_regularizer` 'fill_rate' or 'bbox'), .affinity (λ_A, Eq. 10) and
-  .supervised (CE on `semi_key` ground truth: Tables 4–5).  With `semi_key`,
-  images that carry pixel labels get the supervised CE only and the others
-  the weak terms.
+  `alpha_regularizer` 'fill_rate' or 'bbox'), .affinity (λ_A, Eq. 10); with
+  `semi_key` a supervised CE on that ground truth (Tables 4–5): images that
+  carry pixel labels get the supervised CE only and the others the weak
+  terms.
   """
-  weights = cfg.weights
+  weights = options.weights
 
   def loss_fn(outputs, batch, context: LossContext):
     t = grid_targets(outputs, batch, num_classes, mask_key)
@@ -164,27 +258,29 @@ def train_loss(cfg, num_classes: int, mask_key: str = GRABCUT_KEY,
       terms['grabcut'] = L.grabcut_loss(log_y, t['mask'], t['valid_mask'])
     if weights.aw:
       terms['aw'] = L.attention_weighted_loss(log_y, alpha, t['box'], valid,
-                                              cfg.fg_class_reduction)
+                                              options.fg_class_reduction)
     if weights.alpha:
-      if cfg.alpha_regularizer == 'fill_rate':
+      if options.alpha_regularizer == 'fill_rate':
         terms['alpha'] = L.fill_rate_loss(alpha, t['mask'], t['box'], valid,
-                                          cfg.fill_rate_gamma,
-                                          cfg.fill_rate_reduction)
+                                          options.fill_rate_gamma,
+                                          options.fill_rate_reduction)
       else:
         terms['alpha'] = L.bbox_attention_loss(alpha, t['box'], valid,
-                                               cfg.bbox_reg_reduction)
+                                               options.bbox_reg_reduction)
     if weights.affinity:
       y = jnp.exp(log_y)
-      if cfg.affinity_stop_grad_y:
+      if options.affinity_stop_grad_y:
         y = jax.lax.stop_gradient(y)
-      terms['affinity'] = _sampled_affinity(outputs, t, y, cfg, context.rng)
+      terms['affinity'] = _sampled_affinity(
+          outputs, t, y, options.affinity_pair_fraction,
+          options.affinity_reduction, context.rng)
     zero = jnp.zeros((), jnp.float32)
     # Eq. (11) on the weak terms (an absent term is 0), plus the Table 3
     # `box` row's L_box and the Tables 4–5 supervised CE.
     total = L.total_loss(
         weights.grabcut * terms.get('grabcut', zero), terms.get('aw', zero),
         terms.get('alpha', zero), terms.get('affinity', zero),
-        lambda_aw=weights.aw * aw_ramp(context.step, cfg.aw_warmup_steps),
+        lambda_aw=weights.aw * aw_ramp(context.step, options.aw_warmup_steps),
         lambda_alpha=weights.alpha, lambda_affinity=weights.affinity)
     total = (total + weights.box * terms.get('box', zero)
              + terms.get('supervised', zero))

@@ -1,0 +1,22 @@
+"""A run's runtime, and a second dataset opened next to the target one."""
+
+import os
+
+from wsss_jax import defaults, run, runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_with_data_opens_an_auxiliary_dataset_and_leaves_the_target():
+  config = run.load_config_file(os.path.join(REPO, 'configs',
+                                             'supervised.py'), 'tiny')
+  rt = runtime.make_runtime(config)
+  aux_data = defaults.shapes_data('aux')
+  aux_data.shapes.update(image_size=32, num_train=6, num_val=2)
+  aux = rt.with_data(aux_data)
+  assert (rt.dataset.name, aux.dataset.name) == ('shapes', 'shapes_aux')
+  assert rt.config.data.name == 'shapes' and aux.config.data.name == \
+      'shapes_aux'
+  assert set(aux.class_names[1:]).isdisjoint(rt.class_names[1:])
+  assert len(aux.dataset.index(aux.train_split).image_ids) == 6
+  assert aux.mesh is rt.mesh and aux.normalization == rt.normalization

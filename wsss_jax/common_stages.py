@@ -1,0 +1,149 @@
+"""Ready-made stages that every method repeats, built on `segmentation`.
+
+A method's pipeline is a list of `Stage`s; most of them are one of these:
+
+    box_fill_stage(rt)                                   box-filled masks B
+    label_folder_stage(rt, 'grabcut', fn, workers=4)      any per-image labels
+    partial_labels_stage(rt, fraction)                    semi-supervised GT
+    train_stage(rt, 'train', loss_fn=...,
+                label_folders={'pseudo': label_path('box_labels')})
+    model_label_stage(rt, 'labels', 'classifier', model, make_labels, ...)
+    evaluate_stage(rt, 'train')                           final val scores
+
+Stages refer to each other by stage name (a label stage's folder is
+`<workdir>/<name>/labels`, a training stage's weights
+`<workdir>/<name>/model.npz`), so a round of stages is the same list built
+with prefixed names (`wsss_jax.stages.rounds`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+from wsss_jax import segmentation
+from wsss_jax.host import grabcut
+from wsss_jax.reporting import figures
+from wsss_jax.runtime import Runtime
+from wsss_jax.stages import Stage, StageContext
+from wsss_jax.training import mesh as mesh_lib
+
+LABELS = 'labels'            # the label folder inside a label stage's folder
+SEMI_KEY = 'semi_mask'       # batch key of the semi-supervised ground truth
+
+
+def label_path(stage: str) -> str:
+  """The label folder of label stage `stage`, relative to the workdir."""
+  return os.path.join(stage, LABELS)
+
+
+def model_path(stage: str) -> str:
+  """The weights of training stage `stage`, relative to the workdir."""
+  return os.path.join(stage, segmentation.MODEL_FILE)
+
+
+def label_folder_stage(rt: Runtime, name: str,
+                       label_fn: Callable[[dict], Any], *, workers: int = 0,
+                       description: str = '') -> Stage:
+  """`label_fn(example)` for every training image into `<name>/labels`,
+  scored against the ground truth ('generation', 'quality').  `label_fn`
+  must pickle when `workers` > 0."""
+  def run(context, stage_dir):  # pylint: disable=unused-argument
+    return segmentation.make_label_folder(
+        rt, os.path.join(stage_dir, LABELS), label_fn, workers=workers)
+  return Stage(name, run, outputs=(LABELS,), description=description)
+
+
+def box_fill_stage(rt: Runtime, name: str = 'box_labels',
+                   description: str = 'fill every training box (smaller box '
+                   'on top)') -> Stage:
+  """Box-filled masks B (smaller box on top).  Inline: filling boxes costs
+  less than sending the images to workers."""
+  return label_folder_stage(rt, name, grabcut.box_fill_example,
+                            description=description)
+
+
+def partial_labels_stage(rt: Runtime, fraction: float, *, workers: int = 0,
+                         name: str = 'semi_labels') -> Stage:
+  """Ground truth for the first `fraction` of the training images and
+  all-255 maps for the rest (Box2Seg Table 5, BANA Table 4)."""
+  def run(context, stage_dir):  # pylint: disable=unused-argument
+    return segmentation.make_partial_label_folder(
+        rt, os.path.join(stage_dir, LABELS), fraction, workers=workers)
+  return Stage(name, run, outputs=(LABELS,),
+               description='ground truth for the labelled share')
+
+
+def train_stage(rt: Runtime, name: str, *, loss_fn,
+                label_folders: Mapping[str, str] | None = None, model=None,
+                init_stage: str | None = None, num_steps: int | None = None,
+                frozen_modules: tuple[str, ...] = (), validate: bool = True,
+                description: str = '') -> Stage:
+  """Trains a network (`segmentation.train_segmenter`) into
+  `<name>/model.npz`.
+
+  Args:
+    label_folders: {batch key: label folder relative to the workdir, e.g.
+      `label_path('box_labels')`}, joined onto the training split.
+    init_stage: start from that training stage's weights.
+    Others: as `segmentation.train_segmenter`.
+  """
+  label_folders = dict(label_folders or {})
+
+  def run(context, stage_dir):
+    return segmentation.train_segmenter(
+        rt, stage_dir, loss_fn=loss_fn, model=model, name=name,
+        label_folders={key: os.path.join(context.workdir, folder)
+                       for key, folder in label_folders.items()},
+        num_steps=num_steps, frozen_modules=frozen_modules,
+        init_from=(os.path.join(context.workdir, model_path(init_stage))
+                   if init_stage else None),
+        validate=validate)
+  return Stage(name, run, outputs=(segmentation.MODEL_FILE,),
+               description=description)
+
+
+def model_label_stage(
+    rt: Runtime, name: str, model_stage: str, model,
+    make_labels: Callable[[StageContext, str, Any], dict[str, Any]], *,
+    outputs: tuple[str, ...], description: str = '') -> Stage:
+  """Labels made with a trained network: `make_labels(context, stage_dir,
+  variables)` with the variables of `<model_stage>/model.npz` loaded into
+  `model` (CAMs, BANA's Y_crf / Y_ret, ...)."""
+  def run(context, stage_dir):
+    _, variables = segmentation.load_trained(
+        rt, os.path.join(context.workdir, model_path(model_stage)), model)
+    return make_labels(context, stage_dir, variables)
+  return Stage(name, run, outputs=outputs, description=description)
+
+
+FiguresFn = Callable[[StageContext, str, Any, Any], dict[str, Any] | None]
+
+
+def evaluate_stage(rt: Runtime, model_stage: str, *, model=None,
+                   name: str = 'evaluate',
+                   description: str = 'score the final network on the '
+                   'validation split and write its predictions',
+                   figures_fn: FiguresFn | None = None) -> Stage:
+  """Scores `<model_stage>/model.npz` on the validation split with
+  `config.eval` (writing its predictions and those of the first
+  `report.num_examples` training images).  `figures_fn(context, stage_dir,
+  model, variables)` may add a figure table while the model is loaded."""
+  def run(context, stage_dir):
+    net, variables = segmentation.load_trained(
+        rt, os.path.join(context.workdir, model_path(model_stage)), model)
+    scores = segmentation.evaluate_model(
+        rt, stage_dir, net, variables,
+        num_train_examples=rt.config.report.num_examples)
+    if figures_fn is not None and mesh_lib.is_primary():
+      table = figures_fn(context, stage_dir, net, variables)
+      if table:
+        scores[figures.FIGURES_KEY] = table
+    return scores
+  return Stage(name, run, description=description)
+
+
+def quality_of(results: Mapping[str, Any], stage: str) -> dict[str, Any]:
+  """The 'quality' scores a label stage returned ({} when it has none)."""
+  return (results.get(stage) or {}).get('quality') or {}
+
