@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from wsss_jax import defaults, run, runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,3 +22,17 @@ def test_with_data_opens_an_auxiliary_dataset_and_leaves_the_target():
   assert set(aux.class_names[1:]).isdisjoint(rt.class_names[1:])
   assert len(aux.dataset.index(aux.train_split).image_ids) == 6
   assert aux.mesh is rt.mesh and aux.normalization == rt.normalization
+
+
+def test_with_config_keeps_the_dataset_and_refuses_another():
+  config = run.load_config_file(os.path.join(REPO, 'configs',
+                                             'supervised.py'), 'tiny')
+  rt = runtime.make_runtime(config)
+  other = config.copy_and_resolve_references()
+  other.train.num_steps = 7
+  assert rt.with_config(other).config.train.num_steps == 7
+  assert rt.with_config(other).dataset is rt.dataset
+  with other.unlocked():
+    other.data.name = 'shapes_aux'
+  with pytest.raises(ValueError, match='with_data'):
+    rt.with_config(other)

@@ -23,12 +23,12 @@ def _stage(name, calls, outputs=(), fail=False):
 def test_runs_then_skips_complete_stages(tmp_path):
   calls = []
   pipeline = [_stage('a', calls, ('a.txt',)), _stage('b', calls)]
-  context = stages.StageContext(workdir=str(tmp_path), config=None)
+  context = stages.StageContext(workdir=str(tmp_path))
   records = stages.run_stages(pipeline, context)
   assert [r['status'] for r in records] == ['done', 'done']
   assert records[1]['results']['previous'] == {'a': {'value': 1,
                                                      'previous': {}}}
-  again = stages.run_stages(pipeline, stages.StageContext(str(tmp_path), None))
+  again = stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
   assert [r['status'] for r in again] == ['skipped', 'skipped']
   assert calls == ['a', 'b']
   # Results of skipped stages are restored from their markers.
@@ -38,10 +38,9 @@ def test_runs_then_skips_complete_stages(tmp_path):
 def test_missing_output_reruns_the_stage(tmp_path):
   calls = []
   pipeline = [_stage('a', calls, ('a.txt',))]
-  stages.run_stages(pipeline, stages.StageContext(str(tmp_path), None))
+  stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
   os.remove(tmp_path / 'a' / 'a.txt')
-  records = stages.run_stages(pipeline, stages.StageContext(str(tmp_path),
-                                                            None))
+  records = stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
   assert records[0]['status'] == 'done' and calls == ['a', 'a']
 
 
@@ -49,20 +48,19 @@ def test_failed_stage_has_no_marker_and_reruns(tmp_path):
   calls = []
   with pytest.raises(RuntimeError):
     stages.run_stages([_stage('a', calls, fail=True)],
-                      stages.StageContext(str(tmp_path), None))
+                      stages.StageContext(str(tmp_path)))
   assert not os.path.exists(tmp_path / 'a' / stages.MARKER)
   records = stages.run_stages([_stage('a', calls)],
-                              stages.StageContext(str(tmp_path), None))
+                              stages.StageContext(str(tmp_path)))
   assert records[0]['status'] == 'done'
 
 
 def test_corrupt_marker_reruns(tmp_path):
   calls = []
-  stages.run_stages([_stage('a', calls)], stages.StageContext(str(tmp_path),
-                                                              None))
+  stages.run_stages([_stage('a', calls)], stages.StageContext(str(tmp_path)))
   (tmp_path / 'a' / stages.MARKER).write_text('{not json')
   records = stages.run_stages([_stage('a', calls)],
-                              stages.StageContext(str(tmp_path), None))
+                              stages.StageContext(str(tmp_path)))
   assert records[0]['status'] == 'done'
   assert json.loads((tmp_path / 'a' / stages.MARKER).read_text())['status'] == 'done'
 
@@ -70,7 +68,7 @@ def test_corrupt_marker_reruns(tmp_path):
 def test_duplicate_names_rejected(tmp_path):
   with pytest.raises(ValueError, match='unique'):
     stages.run_stages([_stage('a', []), _stage('a', [])],
-                      stages.StageContext(str(tmp_path), None))
+                      stages.StageContext(str(tmp_path)))
 
 
 def test_rounds_name_prefix_and_resume_each_round_on_its_own(tmp_path):
@@ -90,14 +88,14 @@ def test_rounds_name_prefix_and_resume_each_round_on_its_own(tmp_path):
   pipeline = stages.rounds(2, build)
   assert [s.name for s in pipeline] == ['round1/labels', 'round1/train',
                                         'round2/labels', 'round2/train']
-  context = stages.StageContext(str(tmp_path), None)
+  context = stages.StageContext(str(tmp_path))
   records = stages.run_stages(pipeline, context)
   assert records[3]['results']['read'] == 'round1/labels'
   assert os.path.exists(tmp_path / 'round2' / 'labels' / 'l.txt')
   # An incomplete round-2 stage reruns alone; round 1 is skipped.
   os.remove(tmp_path / 'round2' / 'labels' / 'l.txt')
   calls.clear()
-  again = stages.run_stages(pipeline, stages.StageContext(str(tmp_path), None))
+  again = stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
   assert [r['status'] for r in again] == ['skipped', 'skipped', 'done',
                                           'skipped']
   assert calls == ['round2/labels']

@@ -56,7 +56,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   log.info('Run %s (%s) on %s, %d device(s), workdir %s', config.name,
                config.method, rt.dataset.name, rt.mesh.devices.size, workdir)
   pipeline = methods.build_pipeline(config.method, rt)
-  context = stages.StageContext(workdir=workdir, config=config)
+  context = stages.StageContext(workdir=workdir)
   records = stages.run_stages(pipeline.stages, context)
   session_s = time.time() - start
   # Time to produce the results: each stage's wall time when it ran (so a

@@ -27,6 +27,15 @@ class Runtime:
   normalization: str
   compute_dtype: Any
 
+  def with_config(self, config) -> 'Runtime':
+    """This runtime (same dataset and mesh) for stages that run with another
+    config: a stage-1 network with its own model, steps and optimiser."""
+    if config.data.name != self.dataset.name:
+      raise ValueError(f'with_config: config.data.name={config.data.name!r} '
+                       f'but the runtime holds {self.dataset.name!r}; use '
+                       'with_data for another dataset.')
+    return dataclasses.replace(self, config=config)
+
   def with_data(self, data_config) -> 'Runtime':
     """This runtime on the dataset of `data_config` (a `config.data`-like
     section), opened (and prepared if needed) now; the config it carries has

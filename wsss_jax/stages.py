@@ -36,13 +36,11 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class StageContext:
-  """Shared by every stage of one run."""
+  """Shared by every stage of one run.  Stages get everything else (config,
+  datasets, models) from what their pipeline closed over when it was built."""
   workdir: str
-  config: Any
   # Results of the stages run (or skipped) so far, by stage name.
   results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-  # In-memory objects stages hand to each other (dataset, mesh, ...).
-  shared: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def stage_dir(self, name: str) -> str:
     path = os.path.join(self.workdir, name)

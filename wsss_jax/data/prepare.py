@@ -76,6 +76,20 @@ def features(num_foreground: int) -> tfds.features.FeaturesDict:
   })
 
 
+def dataset_info(builder: tfds.core.GeneratorBasedBuilder, description: str,
+                 num_foreground: int, homepage: str) -> tfds.core.DatasetInfo:
+  """The `_info()` of a real-data builder: the example schema's features,
+  split order kept (no shuffling), no extra metadata."""
+  return tfds.core.DatasetInfo(
+      builder=builder,
+      description=description,
+      features=features(num_foreground),
+      homepage=homepage,
+      metadata=tfds.core.MetadataDict(),
+      disable_shuffling=True,
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckedImage:
   """An image file that decoded completely.

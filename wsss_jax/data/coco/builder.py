@@ -290,14 +290,8 @@ class WsssCoco(tfds.core.GeneratorBasedBuilder):
     return NUM_FOREGROUND[self.class_set]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=prep.features(self.num_foreground),
-        homepage='https://cocodataset.org',
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True,
-    )
+    return prep.dataset_info(self, __doc__, self.num_foreground,
+                             'https://cocodataset.org')
 
   def has_inputs(self) -> bool:
     return bool(self._coco is not None and self._coco.root)

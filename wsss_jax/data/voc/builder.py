@@ -252,14 +252,8 @@ class WsssVoc(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=prep.features(parse.NUM_FOREGROUND),
-        homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/',
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True,
-    )
+    return prep.dataset_info(self, __doc__, parse.NUM_FOREGROUND,
+                             'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/')
 
   def has_inputs(self) -> bool:
     return bool(self._roots[0])

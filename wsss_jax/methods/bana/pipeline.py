@@ -22,7 +22,6 @@ and switches").
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any
@@ -58,7 +57,7 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
   `with_figures` stage 2 also writes the report's Figs. 4-5 images.
   """
   config = objective.classifier_config(rt.config, pooling)
-  rt1 = dataclasses.replace(rt, config=config)
+  rt1 = rt.with_config(config)
   model = segmentation.build_segmenter(rt1)
   name = f'{prefix}classifier'
 
