@@ -68,7 +68,7 @@ class LabelJob:
   """What a label stage computes for each image.
 
   Shapes: B = `batch_size`, (H, W) the image size (one per batch), N the box
-  rows (>= `box_rows`), C the classes.
+  rows (>= `box_rows`).
 
   Attributes:
     outputs: the names of the folders written for every image (keys of

@@ -118,11 +118,14 @@ def crf_labels(item: Mapping[str, Any],
   """Worker body: Y_crf uint8 (H, W) of one image.
 
   DenseCRF over the image's own classes only (background and the classes
-  with a box, `item['present']`), as the official BANA code does: the other
-  channels have probability 0 everywhere and are left out (they would only
-  cost time: the CRF's run time grows with the channels).  Their marginals
-  count as 0; foreground channels are then zeroed outside their class boxes
-  and the argmax taken (ties to the lowest class id).
+  with a box, `item['present']`), as the official BANA code does; the CRF's
+  cost grows with the channels (2.2x faster at VOC's 21 with 3 present).
+  The other channels have probability 0 and their marginals count as 0.
+  Through the CRF they held a sliver of every pixel's mass (unary
+  -log(1e-5)), so leaving them out can flip an almost-tied argmax: 2 of
+  32.8M pixels on the benchmark (docs/fidelity.md).  Foreground channels
+  are then zeroed outside their class boxes and the argmax taken (ties to
+  the lowest class id).
 
   item: the engine's host item, with 'image' uint8 (H, W, 3), 'probs'
   float32 (H, W, C), 'class_masks' bool (H, W, C), 'present' bool (C,).
