@@ -12,12 +12,10 @@ import dataclasses
 import ml_collections
 
 from wsss_jax.host.crf import CrfParams
+from wsss_jax.models.heads import COSINE_TEMPERATURE
 
 ConfigDict = ml_collections.ConfigDict
 
-# τ of the cosine classifier, BANA supp. Eq. (3): the one source of
-# `model.cosine_temperature` and `bana.temperature`.
-COSINE_TEMPERATURE = 20.0
 
 
 # ----------------------------------------------------------------------------

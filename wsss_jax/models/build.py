@@ -94,7 +94,8 @@ def build_head(model_config: Mapping[str, Any], num_classes: int,
   if name in ('cosine', 'dot'):
     return heads.CosineHead(
         num_classes=int(num_classes), kind=name,
-        temperature=float(model_config.get('cosine_temperature', 20.0)),
+        temperature=float(model_config.get('cosine_temperature',
+                                           heads.COSINE_TEMPERATURE)),
         dtype=dtype)
   if name == 'aspp_v2':
     return heads.ASPPV2Head(
@@ -103,7 +104,8 @@ def build_head(model_config: Mapping[str, Any], num_classes: int,
         aspp_dim=int(_field(model_config, 'aspp_dim')),
         use_bias=use_bias,
         classifier=str(model_config.get('aspp_classifier', 'linear')),
-        temperature=float(model_config.get('cosine_temperature', 20.0)),
+        temperature=float(model_config.get('cosine_temperature',
+                                           heads.COSINE_TEMPERATURE)),
         dtype=dtype)
   raise ValueError(f'model.head={name!r} is unknown; choose one of {HEADS}')
 

@@ -16,6 +16,10 @@ import jax.numpy as jnp
 from wsss_jax.models import layers
 
 
+# τ of the cosine classifier, BANA supp. Eq. (3): the one source of
+# `model.cosine_temperature` and `bana.temperature` (wsss_jax.defaults).
+COSINE_TEMPERATURE = 20.0
+
 class LinearHead(nn.Module):
   """1x1 conv classifier (DeepLab-LargeFOV fc8), module name `classifier`.
 
@@ -75,7 +79,7 @@ class CosineHead(nn.Module):
   """
   num_classes: int
   kind: str = 'cosine'
-  temperature: float = 20.0
+  temperature: float = COSINE_TEMPERATURE
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -125,7 +129,7 @@ class ASPPV2Head(nn.Module):
   aspp_dim: int = 0
   use_bias: bool = True
   classifier: str = 'linear'
-  temperature: float = 20.0
+  temperature: float = COSINE_TEMPERATURE
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact

@@ -7,14 +7,23 @@ import pytest
 
 from wsss_jax.methods.bana import bap
 
+# The paper's settings of the arguments a test does not vary.
+_PAPER = dict(sampling='aligned', pooling='bap', min_background_fraction=0.125)
+
 # Jitted once per shape and static setting: eager op-by-op dispatch is slow.
-_forward = jax.jit(bap.bap_forward, static_argnames=(
+_forward_jit = jax.jit(bap.bap_forward, static_argnames=(
     'grid', 'roi_grid', 'sampling', 'max_samples', 'pooling',
     'min_background_fraction'))
+
+
+def _forward(*args, **kwargs):
+  return _forward_jit(*args, **{'roi_grid': (1, 1), **_PAPER, **kwargs})
+
+
 _sample = jax.jit(bap.bilinear_sample)
 _sampling_grid = jax.jit(bap.box_sampling_grid, static_argnums=(1, 2, 3, 4))
 _pool = jax.jit(bap.pool_boxes, static_argnums=(4,))
-_loss = jax.jit(bap.bap_loss)
+_loss = jax.jit(bap.bap_loss, static_argnums=(2,))
 _attention = jax.jit(bap.background_attention)
 
 
@@ -354,7 +363,8 @@ def test_jit_compiles_once_for_different_boxes():
 
   def fwd(f, boxes, labels, valid):
     traces.append(1)
-    return bap.bap_forward(f, boxes, labels, valid, grid=2, roi_grid=(2, 2))
+    return bap.bap_forward(f, boxes, labels, valid, grid=2, roi_grid=(2, 2),
+                           **_PAPER)
 
   jitted = jax.jit(fwd)
   rng = np.random.default_rng(4)
@@ -380,7 +390,7 @@ def test_bap_loss_by_hand():
          'fg_labels': jnp.asarray([[[1], [-1]]], jnp.int32),
          'queries': _f([[[0, 1], [9, 9]]]),           # second query invalid
          'query_valid': jnp.asarray([[True, False]])}
-  loss, metrics = _loss(out, kernel)
+  loss, metrics = _loss(out, kernel, False)
   # fg logits [0, 2] -> target 1; query logits [1, 0] -> target 0.
   want = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(-1.0))) / 2
   np.testing.assert_allclose(loss, want, rtol=1e-6)
@@ -398,7 +408,7 @@ def test_balanced_rows_average_the_fg_and_bg_means():
          'query_valid': jnp.asarray([[True]])}
   fg = [np.log1p(np.exp(-2.0)), np.log1p(np.exp(1.0))]
   bg = np.log1p(np.exp(-1.0))
-  plain, _ = bap.bap_loss(out, kernel)
+  plain, _ = bap.bap_loss(out, kernel, balance=False)
   balanced, _ = bap.bap_loss(out, kernel, balance=True)
   np.testing.assert_allclose(plain, (sum(fg) + bg) / 3, rtol=1e-6)
   np.testing.assert_allclose(balanced, 0.5 * (np.mean(fg) + bg), rtol=1e-6)
@@ -407,8 +417,9 @@ def test_balanced_rows_average_the_fg_and_bg_means():
 @jax.jit
 def _loss_and_grads(f, kernel, boxes, labels, valid):
   def objective(f, kernel):
-    out = bap.bap_forward(f, boxes, labels, valid, grid=2, roi_grid=(2, 2))
-    return bap.bap_loss(out, kernel)[0]
+    out = bap.bap_forward(f, boxes, labels, valid, grid=2, roi_grid=(2, 2),
+                          **_PAPER)
+    return bap.bap_loss(out, kernel, balance=False)[0]
   return jax.value_and_grad(objective, argnums=(0, 1))(f, kernel)
 
 

@@ -17,7 +17,8 @@ from wsss_jax.pseudo import regions as R
 E1, E2, E3 = np.eye(3, dtype=np.float32)
 
 # Jitted entry points: one compilation each is cheaper than eager dispatch.
-first_pass = functools.partial(B.first_pass_jit, resolution='upsample_maps')
+first_pass = functools.partial(B.first_pass_jit, resolution='upsample_maps',
+                               per='class', threshold=0.99)
 second_pass = functools.partial(B.second_pass_jit,
                                 resolution='upsample_maps')
 background_unary = jax.jit(B.background_unary, static_argnames='threshold')
@@ -80,7 +81,7 @@ def _bg_image():
 
 def test_background_unary_threshold_and_outside():
   features, bg, inside = _bg_image()
-  u0, no_bg = background_unary(features, bg, inside)
+  u0, no_bg = background_unary(features, bg, inside, 0.99)
   np.testing.assert_allclose(u0[0, 0], [1, 1, 0, 1 / np.sqrt(1.01), 0],
                              atol=1e-6)
   assert not bool(no_bg[0])
@@ -97,7 +98,8 @@ def test_background_unary_without_background_is_finite():
   boxes = jnp.asarray([[[0, 0, 4, 3]], [[0, 0, 3, 3]]], jnp.float32)
   labels = jnp.asarray([[1], [1]], jnp.int32)
   masks = R.class_box_masks(boxes, labels, 2, (3, 4))
-  u0, no_bg = background_unary(features, masks[..., 0], ~masks[..., 0])
+  u0, no_bg = background_unary(features, masks[..., 0], ~masks[..., 0],
+                               0.99)
   assert np.all(np.isfinite(u0))
   np.testing.assert_array_equal(u0[0], 0.0)
   np.testing.assert_array_equal(no_bg, [True, False])
@@ -157,8 +159,9 @@ def test_second_pass_fallback_and_outside_boxes():
   y_ret = second_pass(features, KERNEL, y_crf, boxes, labels, (1, 5))
   assert y_ret.dtype == jnp.int32
   np.testing.assert_array_equal(y_ret, [[[0, 2, 1, 1, 0]]])
-  scores = np.asarray(B.retrieval_scores(features, KERNEL, y_crf, boxes,
-                                         labels, (1, 5)))[0, 0]
+  scores = np.asarray(B.retrieval_scores(
+      features, KERNEL, y_crf, boxes, labels, (1, 5),
+      resolution='upsample_maps'))[0, 0]
   r = 1 / np.sqrt(3)
   np.testing.assert_allclose(scores, [[1, 0, 0], [r, 0, 1], [r, 1, 0],
                                       [r, 1, 0], [1, 0, 0]], atol=1e-6)
@@ -206,7 +209,7 @@ def test_passes_jit_both_resolutions(resolution):
                       jnp.float32)
   labels = jnp.asarray([[1, 3, -1], [2, 2, -1]], jnp.int32)
   first = functools.partial(B.first_pass_jit, image_hw=hw,
-                            resolution=resolution)
+                            resolution=resolution, threshold=0.99)
   out = first(features, kernel, boxes, labels, per='class')
   out_box = first(features, kernel, boxes, labels, per='box')
   probs = np.asarray(out['probs'])
@@ -228,4 +231,5 @@ def test_passes_jit_both_resolutions(resolution):
   np.testing.assert_array_equal(y_crf[outside], 0)
   assert set(np.unique(np.asarray(y_ret)[1])) <= {0, 2}
   with pytest.raises(ValueError, match='stage2_map_resolution'):
-    B.first_pass(features, kernel, boxes, labels, hw, resolution='x')
+    B.first_pass(features, kernel, boxes, labels, hw, resolution='x',
+                 per='class', threshold=0.99)

@@ -317,11 +317,9 @@ def pool_boxes(roi_features: jax.Array, weights: jax.Array,
 
 
 def bap_forward(features: jax.Array, boxes: jax.Array, box_labels: jax.Array,
-                valid: jax.Array, *, grid: int = 4,
-                roi_grid: tuple[int, int] = (1, 1),
-                sampling: str = 'aligned', max_samples: int | None = None,
-                pooling: str = 'bap',
-                min_background_fraction: float = 0.125) -> dict:
+                valid: jax.Array, *, grid: int, roi_grid: tuple[int, int],
+                sampling: str, pooling: str, min_background_fraction: float,
+                max_samples: int | None = None) -> dict:
   """BANA stage-1 pooling (Sect. 3.1, Eqs. 1–4) for an augmented batch.
 
   pooling 'bap': weights 1 − A; 'gap' (Table 1 baseline): A = 0 (weights 1),
@@ -386,7 +384,7 @@ def bap_forward(features: jax.Array, boxes: jax.Array, box_labels: jax.Array,
 
 
 def bap_loss(out: dict, kernel: jax.Array,
-             balance: bool = False) -> tuple[jax.Array, dict]:
+             balance: bool) -> tuple[jax.Array, dict]:
   """Cross-entropy of the (L+1)-way classifier on r_i and q_j, BANA Sect. 3.1.
 
   Logits are x·W (1×1 conv without bias) for every fg row (target: its box

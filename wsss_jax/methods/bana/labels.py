@@ -139,7 +139,7 @@ def normalized_cam(cam: jax.Array, boxes: jax.Array, box_labels: jax.Array,
 
 
 def background_unary(features: jax.Array, bg_mask: jax.Array,
-                     inside_any_box: jax.Array, threshold: float = 0.99
+                     inside_any_box: jax.Array, threshold: float
                      ) -> tuple[jax.Array, jax.Array]:
   """u_0, Eq. (7) with N = 1 and the cut of Sect. 4.1.
 
@@ -173,8 +173,8 @@ def background_unary(features: jax.Array, bg_mask: jax.Array,
 
 def first_pass(features: jax.Array, kernel: jax.Array, boxes: jax.Array,
                box_labels: jax.Array, image_hw: tuple[int, int], *,
-               per: str = 'class', resolution: str = 'upsample_maps',
-               threshold: float = 0.99) -> dict[str, jax.Array]:
+               per: str, resolution: str,
+               threshold: float) -> dict[str, jax.Array]:
   """Unaries and CRF input probabilities for a batch of same-size images.
 
   Args:
@@ -244,7 +244,7 @@ def class_prototypes(features: jax.Array, labels: jax.Array,
 def retrieval_scores(features: jax.Array, kernel: jax.Array,
                      y_crf: jax.Array, boxes: jax.Array,
                      box_labels: jax.Array, image_hw: tuple[int, int], *,
-                     resolution: str = 'upsample_maps') -> jax.Array:
+                     resolution: str) -> jax.Array:
   """Retrieval scores (B, H, W, C) float32 behind Y_ret (docs/bana.md).
 
   Queries: q_c from Y_crf (Eq. 8); a class absent from Y_crf (the
@@ -273,7 +273,7 @@ def retrieval_scores(features: jax.Array, kernel: jax.Array,
 def second_pass(features: jax.Array, kernel: jax.Array, y_crf: jax.Array,
                 boxes: jax.Array, box_labels: jax.Array,
                 image_hw: tuple[int, int], *,
-                resolution: str = 'upsample_maps') -> jax.Array:
+                resolution: str) -> jax.Array:
   """Y_ret (B, H, W) int32: argmax of `retrieval_scores`, ties to the lowest
   index (background first).  Outside boxes Y_ret = 0."""
   scores = retrieval_scores(features, kernel, y_crf, boxes, box_labels,

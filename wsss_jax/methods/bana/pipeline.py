@@ -32,7 +32,6 @@ from wsss_jax.atomic import json_safe
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.methods.bana import objective
 from wsss_jax.methods.bana import generate as bana_generate
-from wsss_jax.methods.bana import losses as bana_losses
 from wsss_jax.methods.bana import report as bana_report
 from wsss_jax.reporting import figures
 from wsss_jax.runtime import Runtime
@@ -105,12 +104,9 @@ def _classifier_stages(rt: Runtime, prefix: str, pooling: str, *,
 def pipeline(rt: Runtime) -> MethodPipeline:
   """The stages of `config.bana.variant`."""
   cfg = rt.config.bana
-  if cfg.loss not in bana_losses.LOSS_KINDS:
-    raise ValueError(f'bana.loss={cfg.loss!r}: expected one of '
-                     f'{bana_losses.LOSS_KINDS}.')
-  if cfg.pooling not in ('bap', 'gap'):
-    raise ValueError(f"bana.pooling={cfg.pooling!r}: expected 'bap' or "
-                     "'gap'.")
+  # Options are resolved (and bad values refused, naming the field) before
+  # any stage is built; bana.pooling is checked by BapOptions.
+  nal_options = objective.NoiseAwareOptions.from_config(cfg)
   compare = bool(cfg.compare_gap) and cfg.pooling == 'bap'
   gap_images = int(cfg.gap_label_images) if compare else 0
   stages = _classifier_stages(rt, '', cfg.pooling, compare_images=gap_images,
@@ -128,9 +124,8 @@ def pipeline(rt: Runtime) -> MethodPipeline:
   num_steps = int(rt.config.train.num_steps)
   stages.append(cs.train_stage(
       rt, 'train', model=model, label_folders=folders,
-      loss_fn=objective.segmentation_loss(
-          objective.NoiseAwareOptions.from_config(cfg), num_steps,
-          SEMI_KEY if semi else None),
+      loss_fn=objective.segmentation_loss(nal_options, num_steps,
+                                          SEMI_KEY if semi else None),
       description=f'stage 3: segmentation with {cfg.loss}'))
   # With the CRF on, the scores include 'without_crf' (same forward pass).
   stages.append(cs.evaluate_stage(
