@@ -21,6 +21,17 @@ ConfigDict = ml_collections.ConfigDict
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
+def _data_section(name: str, train_split: str, **source) -> ConfigDict:
+  """The fields every dataset section has, plus `source` (one sub-section
+  named after the dataset family with its own fields)."""
+  return ConfigDict(dict(
+      name=name,
+      data_dir='',              # '' -> $WSSS_JAX_DATA_DIR or ~/.cache/wsss_jax
+      train_split=train_split,
+      val_split='val',
+      **source))
+
+
 def shapes_data(family: str = 'main') -> ConfigDict:
   """The embedded synthetic benchmark (no download; generated and cached).
 
@@ -31,54 +42,30 @@ def shapes_data(family: str = 'main') -> ConfigDict:
   if family not in names:
     raise ValueError(f'shapes family={family!r}: expected one of '
                      f'{sorted(names)}.')
-  return ConfigDict(dict(
-      name=names[family],
-      data_dir='',              # '' -> $WSSS_JAX_DATA_DIR or ~/.cache/wsss_jax
-      train_split='train',
-      val_split='val',
-      shapes=dict(
-          image_size=128,
-          num_classes=6,
-          num_train=2000,
-          num_val=300,
-          min_objects=1,
-          max_objects=4,
-          seed=0,
-      ),
-  ))
+  return _data_section(names[family], 'train', shapes=dict(
+      image_size=128, num_classes=6, num_train=2000, num_val=300,
+      min_objects=1, max_objects=4, seed=0))
 
 
 def voc_data() -> ConfigDict:
   """PASCAL VOC 2012 (+ SBD) from local files."""
-  return ConfigDict(dict(
-      name='voc',
-      data_dir='',
-      train_split='train_aug',
-      val_split='val',
-      voc=dict(
-          voc_root='',          # .../VOCdevkit/VOC2012
-          sbd_root='',          # .../benchmark_RELEASE/dataset (optional)
-          seg_aug_root='',      # a ready SegmentationClassAug/ folder (optional)
-      ),
+  return _data_section('voc', 'train_aug', voc=dict(
+      voc_root='',              # .../VOCdevkit/VOC2012
+      sbd_root='',              # .../benchmark_RELEASE/dataset (optional)
+      seg_aug_root='',          # a ready SegmentationClassAug/ folder (optional)
   ))
 
 
 def coco_data(class_set: str = 'all') -> ConfigDict:
   """MS-COCO instances from local files; `class_set` 'all' or 'non_voc'."""
-  return ConfigDict(dict(
-      name='coco',
-      data_dir='',
-      train_split='train',
-      val_split='val',
-      coco=dict(
-          root='',              # holds annotations/ and the image folders
+  return _data_section('coco', 'train', coco=dict(
+      root='',                  # holds annotations/ and the image folders
                                 # (directly or under images/)
-          train_images='train2017',
-          val_images='val2017',
-          train_annotations='annotations/instances_train2017.json',
-          val_annotations='annotations/instances_val2017.json',
-          class_set=class_set,
-      ),
+      train_images='train2017',
+      val_images='val2017',
+      train_annotations='annotations/instances_train2017.json',
+      val_annotations='annotations/instances_val2017.json',
+      class_set=class_set,
   ))
 
 

@@ -20,6 +20,12 @@ from wsss_jax.reporting import figures
 from wsss_jax.runtime import Runtime
 
 _COLUMNS = ('input', 'cam', 'background', 'y_crf', 'y_ret', 'unreliable')
+_TITLE = 'Pseudo-labels (BANA Figs. 4-5)'
+_CAPTION = ('Per training image: the CAM u_c (Eq. 5, max over the box classes), '
+            'the background attention u_0 (Eq. 7: 1 outside the boxes, the '
+            '0.99·max cut inside), Y_crf, Y_ret, and the unreliable region ~S '
+            'where they disagree (white), which the noise-aware loss '
+            'down-weights.')
 
 
 def _fmt(value) -> str:
@@ -94,10 +100,4 @@ def write_figures(rt: Runtime, workdir: str, out_dir: str, model, variables,
              'unreliable': np.repeat(unreliable[..., None], 3, axis=-1)}
     rows.append(figures.save_row(workdir, out_dir, 'bana', image_id, cells,
                                  _COLUMNS))
-  return figures.figure_table(
-      'Pseudo-labels (BANA Figs. 4-5)',
-      'Per training image: the CAM u_c (Eq. 5, max over the box classes), '
-      'the background attention u_0 (Eq. 7: 1 outside the boxes, the '
-      '0.99·max cut inside), Y_crf, Y_ret, and the unreliable region ~S '
-      'where they disagree (white), which the noise-aware loss '
-      'down-weights.', _COLUMNS, rows)
+  return figures.figure_table(_TITLE, _CAPTION, _COLUMNS, rows)

@@ -19,6 +19,10 @@ from wsss_jax.reporting import figures
 from wsss_jax.runtime import Runtime
 
 _COLUMNS = ('input', 'B', 'M', 'attention', 'prediction')
+_TITLE = 'Attention maps (Box2Seg Fig. 4)'
+_CAPTION = ('Per training image: the box tensor B, the GrabCut masks M, the '
+            'attention α of the box class at every pixel inside a box (dark = '
+            '0, yellow = 1), and the final prediction.')
 
 
 def box_class_attention(attention: np.ndarray,
@@ -71,8 +75,4 @@ def write_figures(rt: Runtime, workdir: str, out_dir: str, model, variables,
           box_class_attention(attention[0], folders['B'].read(image_id)))
     rows.append(figures.save_row(workdir, out_dir, 'box2seg', image_id, cells,
                                  _COLUMNS))
-  return figures.figure_table(
-      'Attention maps (Box2Seg Fig. 4)',
-      'Per training image: the box tensor B, the GrabCut masks M, the '
-      'attention α of the box class at every pixel inside a box (dark = 0, '
-      'yellow = 1), and the final prediction.', _COLUMNS, rows)
+  return figures.figure_table(_TITLE, _CAPTION, _COLUMNS, rows)
