@@ -24,6 +24,28 @@ class ConfigError(ValueError):
   """One or more configuration values are invalid (all are listed)."""
 
 
+def choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
+  """`value` if it is one of `allowed`, else ValueError naming `field`
+  (e.g. 'bana.loss')."""
+  if value not in allowed:
+    raise ValueError(f'{field}={value!r}: expected one of {tuple(allowed)}.')
+  return str(value)
+
+
+def number(field: str, value: Any, low: float, high: float | None = None,
+           integer: bool = False) -> float | int:
+  """`value` as float (int with `integer`) if it is a number in [low, high]
+  (no upper bound when `high` is None), else ValueError naming `field`."""
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        and low <= value and (high is None or value <= high)
+        and (not integer or value == int(value)))
+  if not ok:
+    what = 'an integer' if integer else 'a number'
+    expected = f'in [{low}, {high}]' if high is not None else f'>= {low}'
+    raise ValueError(f'{field}={value!r}: expected {what} {expected}.')
+  return int(value) if integer else float(value)
+
+
 def validate(config) -> None:
   """Raises ConfigError naming every invalid field of `config`."""
   errors: list[str] = []

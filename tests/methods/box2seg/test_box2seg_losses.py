@@ -218,7 +218,7 @@ def test_options_hold_plain_values():
 
 @pytest.mark.parametrize('field, value, message', [
     ('alpha_regularizer', 'x',
-     "box2seg.alpha_regularizer='x': expected 'fill_rate' or 'bbox'"),
+     "box2seg.alpha_regularizer='x': expected one of ('fill_rate', 'bbox')"),
     ('fill_rate_reduction', 'max', 'box2seg.fill_rate_reduction='),
     ('fg_class_reduction', 'max', 'box2seg.fg_class_reduction='),
     ('bbox_reg_reduction', 'max', 'box2seg.bbox_reg_reduction='),

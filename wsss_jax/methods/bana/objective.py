@@ -9,10 +9,10 @@ functions close over the options and never see the config.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
 
+from wsss_jax import config_checks
 from wsss_jax import defaults
 from wsss_jax.data import schema
 from wsss_jax.methods.bana import bap as bana_bap
@@ -25,22 +25,6 @@ from wsss_jax.training.step import LossContext
 # ----------------------------------------------------------------------------
 # Options: `config.bana` resolved once
 # ----------------------------------------------------------------------------
-def _number(name: str, value: Any, low: float,
-            high: float | None = None) -> float:
-  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-        and low <= value and (high is None or value <= high))
-  if not ok:
-    expected = f'in [{low}, {high}]' if high is not None else f'>= {low}'
-    raise ValueError(f'bana.{name}={value!r}: expected a number {expected}.')
-  return float(value)
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-  if value not in allowed:
-    raise ValueError(f'bana.{name}={value!r}: expected one of {allowed}.')
-  return str(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class BapOptions:
   """The stage-1 fields of `config.bana` (BAP, Sect. 3.1) as plain values."""
@@ -54,21 +38,19 @@ class BapOptions:
   @classmethod
   def from_config(cls, cfg) -> BapOptions:
     """From `config.bana`; a bad value raises ValueError naming its field."""
-    grid = cfg.grid
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-      raise ValueError(f'bana.grid={grid!r}: expected an integer >= 1.')
+    check, choice = config_checks.number, config_checks.choice
     roi_grid = tuple(cfg.compat.bap_roi_grid)
     if len(roi_grid) != 2 or any(v not in (1, 2) for v in roi_grid):
       raise ValueError(f'bana.compat.bap_roi_grid={roi_grid!r}: expected '
                        '(rows, cols), each 1 or 2.')
     return cls(
-        grid=int(grid), roi_grid=tuple(int(v) for v in roi_grid),
-        sampling=_choice('compat.bap_sampling', cfg.compat.bap_sampling,
-                         bana_bap.SAMPLING_MODES),
-        pooling=_choice('pooling', cfg.pooling, bana_bap.POOLING_MODES),
-        min_background_fraction=_number('min_background_fraction',
-                                        cfg.min_background_fraction, 0.0,
-                                        1.0),
+        grid=check('bana.grid', cfg.grid, 1, integer=True),
+        roi_grid=tuple(int(v) for v in roi_grid),
+        sampling=choice('bana.compat.bap_sampling', cfg.compat.bap_sampling,
+                        bana_bap.SAMPLING_MODES),
+        pooling=choice('bana.pooling', cfg.pooling, bana_bap.POOLING_MODES),
+        min_background_fraction=check('bana.min_background_fraction',
+                                      cfg.min_background_fraction, 0.0, 1.0),
         balance_rows=bool(cfg.balance_rows))
 
 
@@ -83,9 +65,10 @@ class NoiseAwareOptions:
   @classmethod
   def from_config(cls, cfg) -> NoiseAwareOptions:
     """From `config.bana`; a bad value raises ValueError naming its field."""
-    return cls(loss=_choice('loss', cfg.loss, bana_losses.LOSS_KINDS),
-               lam=_number('lam', cfg.lam, 0.0),
-               gamma=_number('gamma', cfg.gamma, 0.0),
+    return cls(loss=config_checks.choice('bana.loss', cfg.loss,
+                                         bana_losses.LOSS_KINDS),
+               lam=config_checks.number('bana.lam', cfg.lam, 0.0),
+               gamma=config_checks.number('bana.gamma', cfg.gamma, 0.0),
                sigma_gradient=bool(cfg.compat.nal_sigma_gradient))
 
 

@@ -10,12 +10,12 @@ functions close over the options and never see the config.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wsss_jax import config_checks
 from wsss_jax import losses
 from wsss_jax.data import schema
 from wsss_jax.methods.box2seg import losses as L
@@ -29,25 +29,6 @@ ALPHA_REGULARIZERS = ('fill_rate', 'bbox')
 # ----------------------------------------------------------------------------
 # Options: `config.box2seg` resolved once
 # ----------------------------------------------------------------------------
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-  if value not in allowed:
-    raise ValueError(f'box2seg.{name}={value!r}: expected '
-                     + ' or '.join(repr(a) for a in allowed) + '.')
-  return str(value)
-
-
-def _number(name: str, value: Any, kind: type, low: float,
-            high: float | None = None) -> Any:
-  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-        and low <= value and (high is None or value <= high)
-        and (kind is float or value == int(value)))
-  if not ok:
-    what = 'a number' if kind is float else 'an integer'
-    expected = f'in [{low}, {high}]' if high is not None else f'>= {low}'
-    raise ValueError(f'box2seg.{name}={value!r}: expected {what} {expected}.')
-  return kind(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
   """The weights of Eq. (11) per term (0 = term off): `config.box2seg.weights`.
@@ -80,33 +61,33 @@ class Box2SegLossOptions:
   @classmethod
   def from_config(cls, cfg) -> Box2SegLossOptions:
     """From `config.box2seg`; a bad value raises ValueError naming its field."""
+    check, choice = config_checks.number, config_checks.choice
     weights = LossWeights(**{
-        name: _number(f'weights.{name}', cfg.weights[name], float, 0.0)
+        name: check(f'box2seg.weights.{name}', cfg.weights[name], 0.0)
         for name in ('box', 'grabcut', 'aw', 'alpha', 'affinity')})
     return cls(
         weights=weights,
-        alpha_regularizer=_choice('alpha_regularizer', cfg.alpha_regularizer,
-                                  ALPHA_REGULARIZERS),
-        fill_rate_gamma=_number('fill_rate_gamma', cfg.fill_rate_gamma, float,
-                                0.0, 1.0),
-        fill_rate_reduction=_choice('fill_rate_reduction',
-                                    cfg.fill_rate_reduction,
-                                    L.FILL_RATE_REDUCTIONS),
-        fg_class_reduction=_choice('fg_class_reduction',
-                                   cfg.fg_class_reduction,
-                                   L.FG_CLASS_REDUCTIONS),
-        bbox_reg_reduction=_choice('bbox_reg_reduction',
-                                   cfg.bbox_reg_reduction,
-                                   L.BBOX_REG_REDUCTIONS),
-        affinity_pair_fraction=_number('affinity_pair_fraction',
-                                       cfg.affinity_pair_fraction, float,
-                                       0.0, 1.0),
-        affinity_reduction=_choice('affinity_reduction',
-                                   cfg.affinity_reduction,
-                                   L.AFFINITY_REDUCTIONS),
+        alpha_regularizer=choice('box2seg.alpha_regularizer',
+                                 cfg.alpha_regularizer, ALPHA_REGULARIZERS),
+        fill_rate_gamma=check('box2seg.fill_rate_gamma', cfg.fill_rate_gamma,
+                              0.0, 1.0),
+        fill_rate_reduction=choice('box2seg.fill_rate_reduction',
+                                   cfg.fill_rate_reduction,
+                                   L.FILL_RATE_REDUCTIONS),
+        fg_class_reduction=choice('box2seg.fg_class_reduction',
+                                  cfg.fg_class_reduction,
+                                  L.FG_CLASS_REDUCTIONS),
+        bbox_reg_reduction=choice('box2seg.bbox_reg_reduction',
+                                  cfg.bbox_reg_reduction,
+                                  L.BBOX_REG_REDUCTIONS),
+        affinity_pair_fraction=check('box2seg.affinity_pair_fraction',
+                                     cfg.affinity_pair_fraction, 0.0, 1.0),
+        affinity_reduction=choice('box2seg.affinity_reduction',
+                                  cfg.affinity_reduction,
+                                  L.AFFINITY_REDUCTIONS),
         affinity_stop_grad_y=bool(cfg.affinity_stop_grad_y),
-        aw_warmup_steps=_number('aw_warmup_steps', cfg.aw_warmup_steps, int,
-                                0))
+        aw_warmup_steps=check('box2seg.aw_warmup_steps', cfg.aw_warmup_steps,
+                              0, integer=True))
 
 
 # ----------------------------------------------------------------------------
