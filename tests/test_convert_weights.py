@@ -15,7 +15,7 @@ from wsss_jax.models import weights
 from wsss_jax.tools import convert_weights as cw
 
 from torch_reference import (
-    VGG_NAMES, VGG_INDICES, fake_vgg, vgg_forward, deeplab_vgg_names, lpg_vgg_names, fake_resnet, resnet_forward, deeplab_resnet_names, torchvision_resnet_names, _vgg_config, _resnet_config, _init, _run, _write_source, _convert, _flat_torch)
+    VGG_NAMES, VGG_INDICES, fake_vgg, vgg_forward, deeplab_vgg_names, lpg_vgg_names, fake_resnet, resnet_forward, deeplab_resnet_names, torchvision_resnet_names, _vgg_config, _resnet_config, _init, _template, _run, _write_source, _convert, _flat_torch)
 
 
 # --------------------------------------------------------------------------
@@ -26,7 +26,7 @@ def test_deeplab_vgg16_round_trip_matches_numpy_network(tmp_path):
   net = fake_vgg(rng)
   path = _convert(tmp_path, deeplab_vgg_names(net), 'deeplab_vgg16')
   model = build.build_model(_vgg_config(fc6_dilation=2), 3)
-  variables, report = weights.load_weights(_init(model, 19), path)
+  variables, report = weights.load_weights(_template(model, 19), path)
   assert report['loaded'] == 32 and report['missing'] == []
   # OIHW -> HWIO; the input-channel order is kept (caffe BGR in, BGR fed).
   kernel = variables['params']['backbone']['conv1_2']['kernel']
@@ -77,7 +77,7 @@ def test_lpg_vgg16_sequential_indices(tmp_path):
   # --flip-first-conv: the converted model takes RGB for the BGR-trained net.
   path = _convert(tmp_path, state, 'lpg_vgg16', '--flip-first-conv')
   model = build.build_model(_vgg_config(fc6_dilation=1), 5)
-  variables, _ = weights.load_weights(_init(model, 17), path)
+  variables, _ = weights.load_weights(_template(model, 17), path)
   rgb = rng.normal(size=(1, 17, 17, 3)).astype(np.float32)
   np.testing.assert_allclose(_run(model, variables, rgb)['logits'][0],
                              vgg_forward(net, rgb[0, :, :, ::-1], 1),
@@ -101,7 +101,7 @@ def test_torchvision_vgg16_reports_unused_classifier_and_missing_fc(tmp_path):
   assert 'params/backbone/fc6/kernel' in report['not_produced']
   assert report['inferred_model']['width'] == 0.125
   model = build.build_model(_vgg_config(), 3)
-  init = _init(model, 17)
+  init = _template(model, 17)
   with pytest.raises(weights.WeightsError, match='fc6'):
     weights.load_weights(init, str(tmp_path / 'tv.npz'))
   variables, loaded = weights.load_weights(
@@ -121,7 +121,7 @@ def test_deeplab_resnet101_caffe_bn_round_trip(tmp_path):
   state = deeplab_resnet_names(net, caffe_factor=7.0)
   path = _convert(tmp_path, state, 'deeplab_resnet101', '--caffe-bn')
   model = build.build_model(_resnet_config(blocks), 3)
-  variables, report = weights.load_weights(_init(model, 32), path)
+  variables, report = weights.load_weights(_template(model, 32), path)
   assert report['missing'] == [] and report['relocated'] == []
   stats = variables['batch_stats']['backbone']['layer2']['block2']['bn2']
   np.testing.assert_allclose(stats['var'], net['1/1/bn2']['running_var'],
@@ -152,7 +152,8 @@ def test_torchvision_resnet101_round_trip_and_layout_inference(tmp_path):
                                     for i in range(4)
                                     for leaf in ('bias', 'kernel')]
   model = build.build_model(_resnet_config(blocks, msra=False), 3)
-  variables, _ = weights.load_weights(_init(model, 32), str(tmp_path / 'tv.npz'),
+  variables, _ = weights.load_weights(_template(model, 32),
+                                      str(tmp_path / 'tv.npz'),
                                       allow_missing=('head/.*',))
   images = rng.normal(size=(1, 32, 32, 3)).astype(np.float32)
   c5, _ = resnet_forward(net, images[0], blocks, msra=False)
@@ -165,7 +166,7 @@ def test_frozen_file_loads_into_trained_bn_by_relocation(tmp_path):
   net = fake_resnet(np.random.default_rng(6), (1, 1, 1, 1))
   path = _convert(tmp_path, deeplab_resnet_names(net), 'deeplab_resnet101')
   model = build.build_model(_resnet_config((1, 1, 1, 1), frozen_bn=False), 3)
-  variables, report = weights.load_weights(_init(model, 17), path)
+  variables, report = weights.load_weights(_template(model, 17), path)
   assert ('batch_stats/backbone/bn1/scale',
           'params/backbone/bn1/scale') in report['relocated']
   np.testing.assert_array_equal(variables['params']['backbone']['bn1']['scale'],
@@ -175,7 +176,7 @@ def test_frozen_file_loads_into_trained_bn_by_relocation(tmp_path):
                   '--layout=deeplab_resnet101', f'--output={trainable}',
                   '--bn=trainable']) == 0
   assert 'params/backbone/bn1/scale' in weights.read_weights(trainable)
-  _, report = weights.load_weights(_init(model, 17), trainable)
+  _, report = weights.load_weights(_template(model, 17), trainable)
   assert report['relocated'] == []
 
 

@@ -279,6 +279,8 @@ def test_params_are_frozen():
     crf.CrfParams().iterations = 3  # type: ignore[misc]
 
 
+# Slow: a kill test (a parent process and its pool worker, SIGKILL).
+@pytest.mark.slow
 def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top

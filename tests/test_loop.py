@@ -74,6 +74,8 @@ def _params(state):
   return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
+# Slow: a kill/resume test (three training runs with checkpoints).
+@pytest.mark.slow
 def test_resume_after_crash_is_bit_identical(tmp_path):
   reference, summary = loop.train(_job(tmp_path / 'a'))
   assert summary['steps'] == 6 and len(summary['history']['train']) == 6

@@ -62,6 +62,11 @@ def test_safe_mean_empty_is_zero():
       losses.safe_mean(jnp.asarray([1.0, 3.0]), jnp.asarray([1.0, 1.0])), 2.0)
 
 
+# Jitted once: one compilation per drawn shape instead of one per operation.
+_ce_value_and_grad = jax.jit(jax.value_and_grad(
+    losses.segmentation_cross_entropy))
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(2, 5),
        st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
@@ -71,8 +76,6 @@ def test_cross_entropy_finite_on_random_and_degenerate_inputs(
   logits = rng.normal(0, 50, (batch, size, size, classes)).astype(np.float32)
   labels = rng.integers(0, classes, (batch, 2 * size, 2 * size))
   labels[rng.random(labels.shape) < ignore_fraction] = 255
-  # Jitted: one compilation per drawn shape instead of one per operation.
-  loss, grad = jax.jit(jax.value_and_grad(losses.segmentation_cross_entropy))(
-      jnp.asarray(logits), jnp.asarray(labels))
+  loss, grad = _ce_value_and_grad(jnp.asarray(logits), jnp.asarray(labels))
   assert np.isfinite(float(loss))
   assert np.all(np.isfinite(np.asarray(grad)))

@@ -5,9 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# Slow: a fresh process with 8 devices compiles four whole training steps
+# (two networks, 1 and 8 devices), about 20 s; the other tests keep it short.
+@pytest.mark.slow
 def test_eight_devices_equal_one_device():
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              PYTHONPATH=os.path.dirname(HERE))

@@ -440,6 +440,8 @@ def test_grain_pipeline_is_deterministic():
              for a, b in zip(first, other))
 
 
+# Slow: two loaders with a worker process each, and a resume.
+@pytest.mark.slow
 def test_one_grain_worker_gives_the_batches_of_none_and_resumes(tmp_path):
   # The benchmark default input.worker_count=1 must not change what is
   # trained on: same batches as inline loading, and a restorable state.

@@ -58,6 +58,9 @@ def test_voc_variant_trains_from_local_weights_on_real_images(tmp_path):
       '2007_000033.png', '2007_000042.png', '2007_000676.png']
 
 
+# Slow: the pipeline prepares the real VOC samples and initialises the network
+# before it opens the weight file.
+@pytest.mark.slow
 def test_missing_weight_file_is_a_clear_error(tmp_path):
   config = _voc_config(tmp_path)
   config.model.init_weights = str(tmp_path / 'nope.npz')

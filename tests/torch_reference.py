@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax import defaults
+from wsss_jax.models import build
 from wsss_jax.tools import convert_weights as cw
 
 EPS = 1e-5
@@ -253,6 +254,17 @@ def _resnet_config(blocks=(1, 2, 1, 1), msra=True, frozen_bn=True):
 
 def _init(model, size):
   return jax.jit(model.init)(_key(0), jnp.zeros((1, size, size, 3)))
+
+
+def _template(model, size, seed=0):
+  """A load target for `weights.load_weights`: the model's variable shapes
+  filled with seeded random values, with nothing compiled (a jitted
+  `model.init` took most of the converter tests' time).  Every value a test
+  reads is either overwritten by the file or checked to be kept."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda leaf: rng.normal(size=leaf.shape).astype(leaf.dtype),
+      build.abstract_variables(model, size))
 
 
 def _run(model, variables, images):
