@@ -42,7 +42,6 @@ from jax import lax
 
 from wsss_jax.losses import safe_mean, softmax_cross_entropy
 from wsss_jax.ops import boxes as box_ops
-from wsss_jax.ops.features import l2_normalize
 
 _EPS = 1e-12
 _HI = lax.Precision.HIGHEST
@@ -254,9 +253,12 @@ def background_attention(roi_features: jax.Array, queries: jax.Array,
   """
   sq = jnp.sum(jnp.square(roi_features), axis=-1)
   inv_norm = lax.rsqrt(jnp.maximum(sq, _EPS * _EPS))
-  # The features' norm divides the dot products rather than the features:
-  # (B, N, S, S, D) is never normalised in memory.
-  q_hat = l2_normalize(queries)
+  # Written out rather than `ops.features.l2_normalize`: jnp.square's
+  # gradient rounds differently from x·x (1.5e-8), which drifts the Labeler's
+  # trajectory.  The features' norm divides the dot products rather than the
+  # features: (B, N, S, S, D) is never normalised in memory.
+  q_sq = jnp.sum(jnp.square(queries), axis=-1, keepdims=True)
+  q_hat = queries * lax.rsqrt(jnp.maximum(q_sq, _EPS * _EPS))
   cos = jnp.einsum('bnijd,bkd->bnijk', roi_features, q_hat,
                    precision=_HI) * inv_norm[..., None]
   qv = query_valid.astype(cos.dtype)
