@@ -141,9 +141,3 @@ def evaluate_stage(rt: Runtime, model_stage: str, *, model=None,
         scores[figures.FIGURES_KEY] = table
     return scores
   return Stage(name, run, description=description)
-
-
-def quality_of(results: Mapping[str, Any], stage: str) -> dict[str, Any]:
-  """The 'quality' scores a label stage returned ({} when it has none)."""
-  return (results.get(stage) or {}).get('quality') or {}
-
