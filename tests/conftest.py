@@ -16,10 +16,12 @@ import pytest  # noqa: E402
 # Many tests compile the same programs (a tiny network's initialisation and
 # training step, rebuilt by each test): a compilation cache private to this
 # test process compiles each once.  Set before anything compiles; JAX decides
-# whether the cache is on at the first compilation.  Subprocesses started by
-# tests (the main job, the 8-device check) do not use it.
+# whether the cache is on at the first compilation.  Main jobs started by
+# tests as subprocesses use it too (`run.enable_compilation_cache`), never the
+# user's ~/.cache/wsss_jax/xla.
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix='wsss_jax_test_xla_cache_')
 atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ['WSSS_JAX_XLA_CACHE'] = _COMPILATION_CACHE
 jax.config.update('jax_compilation_cache_dir', _COMPILATION_CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
 

@@ -7,6 +7,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
@@ -194,6 +195,59 @@ def test_max_pool_padding_is_minus_infinity():
   x = _grid(-np.ones((3, 3)))
   out = layers.max_pool2d(x, 3, 1, 1)[0, :, :, 0]
   np.testing.assert_array_equal(out, -np.ones((3, 3)))
+
+
+def _np_max_pool_grad(x, g, k, s, p, ceil):
+  """Gradient of a square max pool by loops: each window's gradient goes to
+  its first maximal member in row-major order (PyTorch's rule)."""
+  _, height, width, _ = x.shape
+  out_h = layers.pool_output_size(height, k, s, p, ceil)
+  out_w = layers.pool_output_size(width, k, s, p, ceil)
+  grad = np.zeros_like(x)
+  for b in range(x.shape[0]):
+    for c in range(x.shape[3]):
+      for i in range(out_h):
+        for j in range(out_w):
+          best, where = -np.inf, None
+          for di in range(k):
+            for dj in range(k):
+              r, q = i * s + di - p, j * s + dj - p
+              if 0 <= r < height and 0 <= q < width and x[b, r, q, c] > best:
+                best, where = x[b, r, q, c], (r, q)
+          grad[b, where[0], where[1], c] += g[b, i, j, c]
+  return grad
+
+
+@pytest.mark.parametrize('k,s,p,ceil,size', [
+    (3, 2, 1, False, 9), (3, 2, 1, False, 8), (3, 2, 1, True, 8),
+    (3, 1, 1, False, 7), (2, 2, 1, True, 5), (3, 3, 0, False, 10)])
+def test_max_pool_gradient_goes_to_first_maximum(k, s, p, ceil, size):
+  rng = np.random.default_rng(k + 10 * s + size)
+  # Small integers make ties common: the row-major rule decides them.
+  x = rng.integers(0, 3, (2, size, size + 1, 3)).astype(np.float32)
+  out = layers.max_pool2d(jnp.asarray(x), k, s, p, ceil_mode=ceil)
+  g = rng.normal(size=out.shape).astype(np.float32)
+  _, vjp = jax.vjp(lambda v: layers.max_pool2d(v, k, s, p, ceil_mode=ceil),
+                   jnp.asarray(x))
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0],
+                             _np_max_pool_grad(x, g, k, s, p, ceil),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_equals_xla_rule_without_ties():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 11, 4))
+  def reference(v):
+    return lax.reduce_window(v, -jnp.inf, lax.max, (1, 3, 3, 1),
+                             (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  def ours(v):
+    return layers.max_pool2d(v, 3, 2, 1)
+  weights = jax.random.normal(jax.random.PRNGKey(1), ours(x).shape)
+  np.testing.assert_array_equal(ours(x), reference(x))
+  np.testing.assert_allclose(
+      jax.grad(lambda v: jnp.sum(ours(v) * weights))(x),
+      jax.grad(lambda v: jnp.sum(reference(v) * weights))(x), atol=1e-6)
+  jitted = jax.jit(jax.grad(lambda v: jnp.sum(ours(v) ** 2)))
+  assert np.isfinite(np.asarray(jitted(x))).all()
 
 
 def test_avg_pool_count_include_pad_hand_computed():

@@ -28,6 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   run.configure_logging()
+  run.enable_compilation_cache()
   mesh.maybe_initialize_distributed()
   config = _CONFIG.value
   workdir = _WORKDIR.value or run.default_workdir(config)

@@ -10,6 +10,8 @@ import os
 import time
 from typing import Any
 
+import jax
+
 from wsss_jax import config_checks, methods, runtime, stages
 from wsss_jax.atomic import write_json_atomic
 from wsss_jax.training import mesh as mesh_lib
@@ -25,6 +27,29 @@ def configure_logging() -> None:
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
   std_logging.getLogger('wsss_jax').setLevel(std_logging.INFO)
+
+
+COMPILATION_CACHE_ENV = 'WSSS_JAX_XLA_CACHE'
+
+
+def enable_compilation_cache() -> str:
+  """Keeps compiled XLA programs on disk so that later runs skip compiling.
+
+  A rerun, another seed or variant of the same config, or a stage that
+  compiles what an earlier stage did (BANA's two Labelers share an
+  initialisation) loads the executable instead of compiling it again.  The
+  folder is `$WSSS_JAX_XLA_CACHE`, default `~/.cache/wsss_jax/xla`; an empty
+  value turns the cache off.  Must run before the first compilation.
+
+  Returns the folder, or '' when off.
+  """
+  folder = os.environ.get(COMPILATION_CACHE_ENV,
+                          os.path.join(os.path.expanduser('~'), '.cache',
+                                       'wsss_jax', 'xla'))
+  if folder:
+    jax.config.update('jax_compilation_cache_dir', folder)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  return folder
 
 
 def load_config_file(path: str, variant: str = ''):

@@ -117,8 +117,8 @@ def initial_variables(rt: Runtime, model, rng: jax.Array
   whose class count differs (`dont_load`).
   """
   crop = rt.config.input.crop_size
-  variables = jax.device_get(state_lib.init_variables(model, rng,
-                                                      (1, crop, crop, 3)))
+  variables = jax.device_get(state_lib.random_variables(model, rng,
+                                                        (1, crop, crop, 3)))
   path = rt.config.model.init_weights
   if not path:
     if rt.dataset.name.startswith('shapes'):

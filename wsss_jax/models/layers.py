@@ -7,6 +7,7 @@ thus which input pixel a feature cell sees, must match them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -93,13 +94,92 @@ def _pool_padding(size: int, kernel: int, stride: int, padding: int,
   return padding, right, out
 
 
+def _window_views(padded: jax.Array, kernel: int, stride: int, out_h: int,
+                  out_w: int) -> list[jax.Array]:
+  """The kernel² strided views of a padded (B, H, W, C) array, row-major.
+
+  View (di, dj) holds, at output cell (i, j), the element at padded position
+  (di + stride·i, dj + stride·j): the window's (di, dj) member.
+  """
+  batch, _, _, channels = padded.shape
+  return [lax.slice(padded, (0, di, dj, 0),
+                    (batch, di + stride * (out_h - 1) + 1,
+                     dj + stride * (out_w - 1) + 1, channels),
+                    (1, stride, stride, 1))
+          for di in range(kernel) for dj in range(kernel)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_padded(x: jax.Array, kernel: int, stride: int,
+                     pads: tuple[int, int, int, int],
+                     out_hw: tuple[int, int]) -> jax.Array:
+  """Max over kernel×kernel windows of x padded with -inf by `pads` (top,
+  bottom, left, right): (B, H, W, C) -> (B, out_h, out_w, C)."""
+  top, bottom, left, right = pads
+  y = lax.reduce_window(
+      x, -jnp.inf, lax.max,
+      window_dimensions=(1, kernel, kernel, 1),
+      window_strides=(1, stride, stride, 1),
+      padding=((0, 0), (top, bottom), (left, right), (0, 0)))
+  return y[:, :out_hw[0], :out_hw[1], :]
+
+
+def _max_pool_forward(x, kernel, stride, pads, out_hw):
+  y = _max_pool_padded(x, kernel, stride, pads, out_hw)
+  return y, (x, y)
+
+
+def _max_pool_backward(kernel, stride, pads, out_hw, residuals, g):
+  """Routes each window's gradient to its first maximal member (row-major),
+  PyTorch's and XLA's tie rule, with shifted adds instead of a scatter.
+
+  XLA's own rule (`select_and_scatter`) is several times slower than this on
+  XLA:CPU (docs/implementation_notes.md, "Speed").  Window member (di, dj)
+  of output cell (i, j) sits at padded position (di + stride·i, dj +
+  stride·j), i.e. in the stride-phase (di mod stride, dj mod stride) grid at
+  cell (i + di div stride, j + dj div stride): each member's gradient is one
+  shifted add on an output-sized phase grid, and the phase grids interleave
+  into the input.  Exact: every window sends its whole gradient to exactly
+  one input element.
+  """
+  x, y = residuals
+  top, bottom, left, right = pads
+  out_h, out_w = out_hw
+  batch, height, width, channels = x.shape
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)),
+                   constant_values=-jnp.inf)
+  reach = (kernel - 1) // stride
+  phase_h = max(out_h + reach, -(-(top + height) // stride))
+  phase_w = max(out_w + reach, -(-(left + width) // stride))
+  zero = jnp.zeros((), g.dtype)
+  phases = [[jnp.zeros((batch, phase_h, phase_w, channels), g.dtype)
+             for _ in range(stride)] for _ in range(stride)]
+  unclaimed = jnp.ones(y.shape, bool)
+  views = _window_views(padded, kernel, stride, out_h, out_w)
+  for index, view in enumerate(views):
+    di, dj = divmod(index, kernel)
+    winner = unclaimed & (view == y)
+    unclaimed = unclaimed & ~winner
+    (qi, pi), (qj, pj) = divmod(di, stride), divmod(dj, stride)
+    phases[pi][pj] = phases[pi][pj] + lax.pad(
+        jnp.where(winner, g, zero), zero,
+        ((0, 0, 0), (qi, phase_h - out_h - qi, 0),
+         (qj, phase_w - out_w - qj, 0), (0, 0, 0)))
+  grid = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+  grid = grid.reshape(batch, phase_h * stride, phase_w * stride, channels)
+  return (grid[:, top:top + height, left:left + width, :],)
+
+
+_max_pool_padded.defvjp(_max_pool_forward, _max_pool_backward)
+
+
 def max_pool2d(x: jax.Array, kernel: int, stride: int, padding: int = 0,
                ceil_mode: bool = False) -> jax.Array:
   """PyTorch `MaxPool2d(kernel, stride, padding, ceil_mode)` on NHWC input.
 
   Padded positions hold -inf, so they never win (PyTorch semantics).  The
-  Python-scalar init values let JAX pick its differentiable max/sum window
-  reductions.
+  gradient goes to the first maximal element of each window in row-major
+  order, as in PyTorch, computed without a scatter (`_max_pool_backward`).
 
   Args:
     x: (B, H, W, C) float array.
@@ -113,12 +193,8 @@ def max_pool2d(x: jax.Array, kernel: int, stride: int, padding: int = 0,
                                      ceil_mode)
   left, right, out_w = _pool_padding(x.shape[2], kernel, stride, padding,
                                      ceil_mode)
-  y = lax.reduce_window(
-      x, -jnp.inf, lax.max,
-      window_dimensions=(1, kernel, kernel, 1),
-      window_strides=(1, stride, stride, 1),
-      padding=((0, 0), (top, bottom), (left, right), (0, 0)))
-  return y[:, :out_h, :out_w, :]
+  return _max_pool_padded(x, kernel, stride, (top, bottom, left, right),
+                          (out_h, out_w))
 
 
 def avg_pool2d(x: jax.Array, kernel: int, stride: int, padding: int = 0,

@@ -6,6 +6,7 @@ sharding (big_vision), so nothing is materialised on one device first.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 import weakref
 
@@ -43,6 +44,25 @@ def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]
   variables = flax.core.unfreeze(variables)
   return {'params': variables['params'],
           'batch_stats': variables.get('batch_stats', {})}
+
+
+def random_variables(model, rng: jax.Array, image_shape: tuple[int, ...]
+                     ) -> dict[str, Any]:
+  """`init_variables`, compiled once at XLA's lowest backend optimisation.
+
+  An eager `model.init` compiles every initialiser shape and every layer of
+  the tracing forward pass separately, and at the default optimisation level
+  XLA:CPU spends seconds on each random-number kernel: the benchmark
+  backbone took 7 s eager and 5.5 s jitted, 1 s like this (LargeFOV 8.8 s →
+  4.2 s, ResNet-101 18 s → 16 s, compile and run; experiments/RESULTS.md
+  §10).  The draws are the same random numbers, rounded differently (1e-7
+  level) from the eager ones, so runs from scratch are not bit-identical to
+  runs of versions before this.
+  """
+  init = functools.partial(init_variables, model, image_shape=image_shape)
+  compiled = jax.jit(init).lower(rng).compile(
+      compiler_options={'xla_backend_optimization_level': 0})
+  return compiled(rng)
 
 
 # make_tx -> {parameter tree structure: transformation}.
