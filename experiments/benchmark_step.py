@@ -35,6 +35,8 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Computation dtype.')
 _OUT = flags.DEFINE_string('out', 'experiments/out/benchmark_step.json',
                            'JSON output path.')
+_CROP = flags.DEFINE_integer('crop', 0, "Input side (0: each network's own; "
+                             'smaller for a dry run).')
 
 # name -> (model config, crop, batch, num classes)
 SETTINGS = {
@@ -46,14 +48,17 @@ SETTINGS = {
 
 def measure(name: str, steps: int, dtype) -> dict:
   make_config, crop, batch_size, num_classes = SETTINGS[name]
+  crop = _CROP.value or crop
   model_config = make_config()
   mesh = mesh_lib.make_mesh()
   model = build.build_model(model_config, num_classes, dtype)
   make_tx = functools.partial(optim.make_optimizer, defaults.sgd_deeplab(),
                               num_steps=1000)
   start = time.perf_counter()
-  state = state_lib.create_train_state(model, make_tx, jax.random.PRNGKey(0),
-                                       (1, crop, crop, 3), mesh)
+  rng = jax.random.PRNGKey(0)
+  variables = state_lib.random_variables(model, rng, (1, crop, crop, 3))
+  state = state_lib.create_train_state(model, make_tx, rng, (1, crop, crop, 3),
+                                       mesh, variables=variables)
   jax.block_until_ready(state)
   init_seconds = time.perf_counter() - start
   train_step = step_lib.make_train_step(
@@ -83,13 +88,13 @@ def main(argv):
   dtype = {'float32': np.float32, 'bfloat16': 'bfloat16'}[_DTYPE.value]
   report = {'devices': [str(d) for d in jax.devices()],
             'jax': jax.__version__, 'results': []}
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   for name in _MODELS.value:
     result = measure(name, _STEPS.value, dtype)
     print(json.dumps(result))
     report['results'].append(result)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump(report, f, indent=2)
+    with open(_OUT.value, 'w') as f:       # after each network: a timeout
+      json.dump(report, f, indent=2)       # keeps what was measured
 
 
 if __name__ == '__main__':

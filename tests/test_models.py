@@ -66,6 +66,10 @@ def _conv_geometry(model, variables, images):
     if isinstance(module, nn.Conv) and context.method_name == '__call__':
       record['/'.join(module.path)] = (module.strides, module.kernel_dilation,
                                        module.padding)
+    elif (isinstance(module, layers.PointwiseConv)
+          and context.method_name == '__call__'):
+      record['/'.join(module.path)] = ((module.stride,) * 2, (1, 1),
+                                       ((0, 0), (0, 0)))
     return next_fun(*args, **kwargs)
   with nn.intercept_methods(interceptor):
     jax.eval_shape(model.apply, variables, images)   # tracing suffices
@@ -248,6 +252,32 @@ def test_max_pool_gradient_equals_xla_rule_without_ties():
       jax.grad(lambda v: jnp.sum(reference(v) * weights))(x), atol=1e-6)
   jitted = jax.jit(jax.grad(lambda v: jnp.sum(ours(v) ** 2)))
   assert np.isfinite(np.asarray(jitted(x))).all()
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pointwise_conv_is_a_1x1_conv(stride):
+  x = jax.random.normal(_key(0), (2, 9, 8, 5))
+  reference = nn.Conv(7, (1, 1), strides=(stride, stride),
+                      padding=((0, 0), (0, 0)),
+                      kernel_init=layers.HE_NORMAL_FAN_IN,
+                      bias_init=nn.initializers.constant(0.3))
+  ours = layers.conv2d(7, 1, stride=stride,
+                       bias_init=nn.initializers.constant(0.3))
+  assert isinstance(ours, layers.PointwiseConv)
+  variables = reference.init(_key(1), x)
+  # Same parameter names, shapes and initial values (same keys).
+  jax.tree.map(np.testing.assert_array_equal, ours.init(_key(1), x),
+               variables)
+  np.testing.assert_allclose(ours.apply(variables, x),
+                             reference.apply(variables, x), atol=1e-5)
+  assert ours.apply(variables, x).shape == (2, -(-9 // stride),
+                                             -(-8 // stride), 7)
+  def loss(module):
+    return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+  grads = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+  expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               grads, expected)
 
 
 def test_avg_pool_count_include_pad_hand_computed():

@@ -35,17 +35,63 @@ def scaled_channels(base: int, width: float) -> int:
   return max(1, int(round(base * width)))
 
 
+class PointwiseConv(nn.Module):
+  """A 1×1 convolution (stride s, no padding) computed as a matrix product.
+
+  The parameters are `nn.Conv`'s (`kernel` (1, 1, C, O) HWIO, `bias` (O,),
+  drawn with the same initialisers and keys), so weight files, parameter
+  groups and initial values are unchanged.  Why: XLA:CPU runs a 1×1
+  convolution's backward pass through its general convolution kernels, 2–3×
+  slower than the same contraction as a dot (docs/implementation_notes.md,
+  "Speed"); on accelerators both are one matrix product.  Stride s reads
+  every s-th row and column, as the convolution does.
+
+  Attributes:
+    features: output channels O.
+    stride: s.
+    use_bias: adds `bias`.
+    dtype: computation dtype; parameters are float32.
+    kernel_init, bias_init: initialisers of `kernel` and `bias`.
+  """
+  features: int
+  stride: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = HE_NORMAL_FAN_IN
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, ceil(H / s), ceil(W / s), O) in `dtype`."""
+    kernel = self.param('kernel', self.kernel_init,
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    if self.stride > 1:
+      x = x[:, ::self.stride, ::self.stride, :]
+    y = lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
+                        (((x.ndim - 1,), (0,)), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def conv2d(features: int, kernel_size: int, *, stride: int = 1,
            padding: int = 0, dilation: int = 1, use_bias: bool = True,
            dtype: Dtype = jnp.float32,
            kernel_init: Initializer = HE_NORMAL_FAN_IN,
-           name: str | None = None) -> nn.Conv:
+           bias_init: Initializer = nn.initializers.zeros,
+           name: str | None = None) -> nn.Module:
   """A square 2-D convolution with PyTorch's `Conv2d` arguments.
 
   Symmetric explicit padding gives PyTorch's output size
   floor((H + 2p - d(k - 1) - 1) / s) + 1.  Parameters are float32 whatever
-  the computation `dtype`; kernels are HWIO, biases start at zero.
+  the computation `dtype`; kernels are HWIO, biases start at `bias_init`
+  (zero).  Unpadded 1×1 convolutions are `PointwiseConv` (a dot).
   """
+  if kernel_size == 1 and padding == 0:
+    return PointwiseConv(features, stride=stride, use_bias=use_bias,
+                         dtype=dtype, kernel_init=kernel_init,
+                         bias_init=bias_init, name=name)
   return nn.Conv(
       features=features,
       kernel_size=(kernel_size, kernel_size),
@@ -56,7 +102,7 @@ def conv2d(features: int, kernel_size: int, *, stride: int = 1,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=kernel_init,
-      bias_init=nn.initializers.zeros,
+      bias_init=bias_init,
       name=name)
 
 

@@ -37,10 +37,9 @@ class BranchDecoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = ConvBNReLU(self.hidden, 3, self.dtype, name='conv1')(x, train)
-    conv = nn.Conv(self.features, (1, 1), dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=layers.HE_NORMAL_FAN_IN,
-                   bias_init=nn.initializers.constant(self.bias_init),
-                   name='conv2')
+    conv = layers.conv2d(self.features, 1, dtype=self.dtype,
+                         bias_init=nn.initializers.constant(self.bias_init),
+                         name='conv2')
     return conv(x).astype(jnp.float32)
 
 
