@@ -13,7 +13,6 @@ import json
 import os
 
 from absl import app, flags
-import numpy as np
 
 from wsss_jax import run
 from wsss_jax.data import registry, schema

@@ -36,9 +36,10 @@ export WSSS_JAX_DATA_DIR=${WSSS_JAX_DATA_DIR:-$(mktemp -d)}
 export WSSS_JAX_XLA_CACHE=            # cold compilation: what a first run pays
 PYTHON=${PYTHON:-python3}
 
-if [[ -d .whl ]] && ls .whl/* >/dev/null 2>&1; then
+if (( ! DRY )) && [[ -d .whl ]] && ls .whl/* >/dev/null 2>&1; then
   # The lent machine has no network: install what its image lacks from the
-  # carried wheels (and two source archives, built without isolation).
+  # carried wheels (and two source archives, built without isolation).  A dry
+  # run uses the local environment as it is.
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --no-build-isolation --target /tmp/site .whl/* >> "$OUT/log.txt" 2>&1 \
     || echo '{"section": "wheels", "rc": 1}' >> "$OUT/sections.jsonl"
@@ -97,7 +98,9 @@ section step_float32 "$STEP_LIMIT" $PYTHON experiments/benchmark_step.py \
 section step_bfloat16 "$STEP_LIMIT" $PYTHON experiments/benchmark_step.py \
     "${STEP_ARGS[@]}" --dtype=bfloat16 --out="$OUT/step_bfloat16.json"
 
-if (( DRY )); then
+if ! $PYTHON -c 'import torch' 2>/dev/null; then
+  skipped vs_torch 'torch is not installed (the [torch] extra)'
+elif (( DRY )); then
   section vs_torch 120 $PYTHON experiments/benchmark_vs_torch.py --smoke \
       --models=tiny --torch_device=cpu --out="$OUT/vs_torch.json"
 elif $PYTHON -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' \

@@ -315,8 +315,12 @@ def batch_norm(frozen: bool, train: bool, dtype: Dtype = jnp.float32,
                name: str | None = None) -> nn.Module:
   """The BN layer of a backbone: `FrozenBatchNorm`, or a trained `nn.BatchNorm`.
 
-  The trained variant uses PyTorch defaults (momentum 0.1 = Flax 0.9, eps 1e-5)
-  and batch statistics when `train` (over the whole global batch under jit).
+  The trained variant uses PyTorch's momentum (0.1 = Flax 0.9) and eps
+  (1e-5) and batch statistics when `train` (over the whole global batch
+  under jit).  One difference: Flax updates the running variance with the
+  biased batch variance, PyTorch with the unbiased one (× n / (n − 1), n
+  values per channel); it matters only where n is small, e.g. UPerNet's
+  1×1 pyramid-pooling branch (n = batch size; docs/fidelity.md).
   """
   if frozen:
     return FrozenBatchNorm(dtype=dtype, name=name)
