@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 
 import grain
 import hypothesis
@@ -14,6 +15,7 @@ from PIL import Image, ImageEnhance
 from wsss_jax import defaults
 from wsss_jax.data import schema
 from wsss_jax.data import color as C
+from wsss_jax.data import pipeline
 from wsss_jax.data import transforms as T
 
 PSEUDO = 'pseudo'            # an extra label map: PSEUDO = mask + 100 off-pad
@@ -468,3 +470,41 @@ def test_one_grain_worker_gives_the_batches_of_none_and_resumes(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# --------------------------------------------------------------------------
+# The in-memory record cache
+# --------------------------------------------------------------------------
+class _CountingSource:
+  def __init__(self, size):
+    self.reads = 0
+    self.size = size
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    self.reads += 1
+    return {schema.IMAGE: np.full((4, 4, 3), index, np.uint8),
+            schema.IMAGE_ID: f'img{index}'}
+
+  def __repr__(self):
+    return 'CountingSource()'
+
+
+def test_memory_cache_reads_each_record_once_within_its_budget():
+  source = _CountingSource(5)
+  cache = pipeline.cached(source, 3 * 48 / 2**20)     # room for 3 images
+  for _ in range(2):
+    for index in range(5):
+      assert cache[index][schema.IMAGE][0, 0, 0] == index
+  assert source.reads == 3 + 2 * 2     # 3 cached, the other 2 read twice
+  assert repr(cache) == 'CountingSource()'    # grain's restore check
+  record = cache[0]
+  record['extra'] = 1                  # a new dict each call
+  assert 'extra' not in cache[0]
+  with pytest.raises(ValueError):      # cached arrays are read-only
+    cache[0][schema.IMAGE][0, 0, 0] = 7
+  clone = pickle.loads(pickle.dumps(cache))   # a grain worker's copy
+  assert clone._records == {}          # pylint: disable=protected-access
+  assert pipeline.cached(source, 0) is source

@@ -10,10 +10,10 @@ from wsss_jax.atomic import write_json_atomic
 
 # Fields that may change between a run and its resumption without changing
 # what is computed: host CRF/GrabCut workers, evaluation decoding processes,
-# device count (the state is
+# the in-memory record cache, device count (the state is
 # replicated), logging cadence, and where the raw or prepared data lives.
 # Not `input.worker_count`: grain's iterator state depends on it.
-RESUME_SAFE_FIELDS = ('eval.crf_workers', 'eval.worker_count',
+RESUME_SAFE_FIELDS = ('eval.crf_workers', 'eval.worker_count', 'input.cache_mb',
                       'mesh.num_devices',
                       'train.log_every', 'data.data_dir', 'data.voc.voc_root',
                       'data.voc.sbd_root', 'data.voc.seg_aug_root',
@@ -80,6 +80,7 @@ def validate(config) -> None:
   need(inp.color_jitter >= 0, 'input.color_jitter', 'must be >= 0')
   need(inp.max_boxes >= 1, 'input.max_boxes', 'must be >= 1')
   need(inp.worker_count >= 0, 'input.worker_count', 'must be >= 0')
+  need(inp.get('cache_mb', 0) >= 0, 'input.cache_mb', 'must be >= 0')
   need(ev.worker_count >= 0, 'eval.worker_count', 'must be >= 0')
   need(ev.batch_size >= 1, 'eval.batch_size', 'must be >= 1')
   need(ev.bucket_size == 0 or ev.bucket_size >= inp.crop_size,

@@ -84,6 +84,9 @@ def input_pipeline(crop_size: int = 112, batch_size: int = 16) -> ConfigDict:
       # thread that dispatches the steps (~3 % faster on 2 CPU cores) and
       # gives the same batches as 0; more workers give a different order.
       worker_count=1,
+      # Decoded training records kept in memory per loading process, in MB
+      # (pipeline.MemoryCache; 0 = off).  The benchmark's train split is 131 MB.
+      cache_mb=512,
       normalization='',          # '' -> from model.weights_source
   ))
 

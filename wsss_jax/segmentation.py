@@ -185,8 +185,10 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
   label_folders = dict(label_folders or {})
   model = model or build_segmenter(rt)
   index = rt.dataset.index(rt.train_split)
-  source = pipeline.with_label_folders(rt.dataset.source(rt.train_split),
-                                       label_folders, index.image_ids)
+  source = pipeline.cached(
+      pipeline.with_label_folders(rt.dataset.source(rt.train_split),
+                                  label_folders, index.image_ids),
+      config.input.get('cache_mb', 0))
   transform = pipeline.TrainTransform.from_config(
       config.input, num_foreground=rt.num_classes - 1,
       image_pad_value=rt.pad_color, label_keys=tuple(label_folders))

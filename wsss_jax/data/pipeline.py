@@ -25,7 +25,8 @@ from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.data.transforms import EvalTransform, TrainTransform
 
 __all__ = ['EvalTransform', 'TrainTransform', 'LabelJoinedSource',
-           'with_label_folders', 'train_loader', 'eval_batches', 'Subset']
+           'with_label_folders', 'MemoryCache', 'cached', 'train_loader',
+           'eval_batches', 'Subset']
 
 
 class LabelJoinedSource:
@@ -75,6 +76,58 @@ def with_label_folders(source, folders: Mapping[str, str],
     for folder in folders.values():
       LabelFolder(folder).check_complete(list(image_ids))
   return LabelJoinedSource(source, folders) if folders else source
+
+
+class MemoryCache:
+  """A source that keeps decoded records in memory, up to `max_bytes`.
+
+  Decoding dominates the loader's CPU time on small images (tfds
+  deserialisation and PNG decoding: 0.8 of 1.2 ms per record of the
+  embedded benchmark), and on a 2-core machine that time is taken from the
+  train step.  Records are kept, in the order first read, until their arrays
+  reach `max_bytes`; later ones are read each time.  Cached arrays are made
+  read-only, so a transform writing into its input fails at once instead of
+  corrupting later epochs; each call returns a new dict.  Each grain worker
+  process holds its own cache (pickling drops the records).  The cache is
+  transparent: the same records in the same order, and `repr` is the
+  wrapped source's, which grain compares when it restores an iterator.
+  """
+
+  def __init__(self, source, max_bytes: int):
+    self._source = source
+    self._max_bytes = int(max_bytes)
+    self._records: dict[int, dict[str, Any]] = {}
+    self._bytes = 0
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._records.get(index)
+    if record is None:
+      record = self._source[index]
+      arrays = [v for v in record.values() if isinstance(v, np.ndarray)]
+      size = sum(a.nbytes for a in arrays)
+      if self._bytes + size <= self._max_bytes:
+        for array in arrays:
+          array.flags.writeable = False
+        self._records[index] = record
+        self._bytes += size
+    return dict(record)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {'_source': self._source, '_max_bytes': self._max_bytes,
+            '_records': {}, '_bytes': 0}
+
+  def __repr__(self) -> str:
+    return repr(self._source)
+
+
+def cached(source, max_megabytes: float):
+  """`source` behind a `MemoryCache` of `max_megabytes` (0: no cache)."""
+  if max_megabytes <= 0:
+    return source
+  return MemoryCache(source, int(max_megabytes * 2**20))
 
 
 class Subset:
