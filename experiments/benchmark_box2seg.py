@@ -39,24 +39,6 @@ def load_config(arg):
       os.path.join(REPO, 'configs', 'box2seg.py'), arg)
 
 
-def fake_batch(rng, batch, crop, num_classes, max_boxes):
-  boxes = np.zeros((batch, max_boxes, 4), np.float32)
-  labels = np.full((batch, max_boxes), -1, np.int32)
-  for b in range(batch):
-    for k in range(3):
-      x0, y0 = rng.uniform(0, crop / 2, 2)
-      w, h = rng.uniform(crop / 8, crop / 2, 2)
-      boxes[b, k] = (x0, y0, x0 + w, y0 + h)
-      labels[b, k] = rng.integers(1, num_classes)
-  return {'image': rng.integers(0, 255, (batch, crop, crop, 3), np.uint8),
-          'valid': np.ones((batch, crop, crop), bool),
-          'boxes': boxes, 'box_labels': labels,
-          'grabcut': rng.integers(0, num_classes, (batch, crop, crop),
-                                  dtype=np.uint8),
-          'mask': rng.integers(0, num_classes, (batch, crop, crop),
-                               dtype=np.uint8)}
-
-
 def time_variant(variant, num_classes, steps, batch_override):
   tokens = ','.join(t for t in (variant, _PRESET.value) if t)
   config = load_config(tokens)
@@ -73,7 +55,7 @@ def time_variant(variant, num_classes, steps, batch_override):
           box2seg.Box2SegLossOptions.from_config(config.box2seg), num_classes),
       'imagenet' if config.model.weights_source == 'torchvision' else 'caffe',
       mesh)
-  batch = mesh_lib.device_batch(fake_batch(
+  batch = mesh_lib.device_batch(timing.random_box_batch(
       np.random.default_rng(0), batch_size, crop, num_classes,
       config.input.max_boxes), mesh)
   state, first, median = timing.time_train_step(train_step, state, batch,

@@ -38,22 +38,16 @@ _OUT = flags.DEFINE_string('out', 'experiments/out/benchmark_step.json',
 _CROP = flags.DEFINE_integer('crop', 0, "Input side (0: each network's own; "
                              'smaller for a dry run).')
 
-# name -> (model config, crop, batch, num classes)
-SETTINGS = {
-    'tiny': (defaults.tiny_model, 96, 16, 7),
-    'largefov': (defaults.largefov_model, 321, 2, 21),
-    'resnet101': (defaults.resnet101_model, 321, 2, 21),
-}
-
 
 def measure(name: str, steps: int, dtype) -> dict:
-  make_config, crop, batch_size, num_classes = SETTINGS[name]
+  make_config, crop, batch_size, num_classes = (
+      timing.SEGMENTER_SETTINGS[name])
   crop = _CROP.value or crop
   model_config = make_config()
   mesh = mesh_lib.make_mesh()
   model = build.build_model(model_config, num_classes, dtype)
   make_tx = functools.partial(optim.make_optimizer, defaults.sgd_deeplab(),
-                              num_steps=1000)
+                              num_steps=timing.SCHEDULE_STEPS)
   start = time.perf_counter()
   rng = jax.random.PRNGKey(0)
   variables = state_lib.random_variables(model, rng, (1, crop, crop, 3))

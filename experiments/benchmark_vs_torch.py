@@ -73,7 +73,8 @@ import numpy as np
 import torch
 
 from wsss_jax import defaults, run, segmentation
-import torch_twins as tt  # experiments/ (this script's folder is on sys.path)
+import timing  # experiments/ (this script's folder is on sys.path)
+import torch_twins as tt  # experiments/
 from wsss_jax.methods.bana import objective as bana_objective
 from wsss_jax.methods.box2seg import model as box2seg_model
 from wsss_jax.methods.box2seg import objective as box2seg
@@ -85,13 +86,8 @@ from wsss_jax.training import state as state_lib, step as step_lib
 NETWORKS = ('tiny', 'box2seg', 'bana_labeler', 'largefov', 'resnet101')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (model config, crop, batch, classes): experiments/benchmark_step.py's
-# SETTINGS (not imported: its absl flags would collide with these).
-SEGMENTERS = {
-    'tiny': (defaults.tiny_model, 96, 16, 7),
-    'largefov': (defaults.largefov_model, 321, 2, 21),
-    'resnet101': (defaults.resnet101_model, 321, 2, 21),
-}
-SCHEDULE_STEPS = 1000            # poly schedule length (benchmark_step's)
+SEGMENTERS = timing.SEGMENTER_SETTINGS
+SCHEDULE_STEPS = timing.SCHEDULE_STEPS
 QUICK_STEPS = {'largefov': 2, 'resnet101': 2}
 QUICK_STEPS_DEFAULT = 4
 SMOKE_CROP, SMOKE_BATCH = 64, 2
@@ -129,32 +125,6 @@ class Network:
   notes: str
 
 
-def _images(rng, batch_size, crop):
-  return rng.integers(0, 256, (batch_size, crop, crop, 3), np.uint8)
-
-
-def box_batch(rng, batch_size: int, crop: int, num_classes: int,
-              max_boxes: int, boxes_per_image: Callable[[], int]) -> dict:
-  """A random batch with boxes, as the stages' batches (schema): boxes
-  drawn as experiments/benchmark_box2seg.py's, padded rows 0 with label -1,
-  no crop padding, and random 'grabcut' and 'mask' label maps."""
-  boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
-  labels = np.full((batch_size, max_boxes), -1, np.int32)
-  for b in range(batch_size):
-    for k in range(min(boxes_per_image(), max_boxes)):
-      x0, y0 = rng.uniform(0, crop / 2, 2)
-      w, h = rng.uniform(crop / 8, crop / 2, 2)
-      boxes[b, k] = (x0, y0, x0 + w, y0 + h)
-      labels[b, k] = rng.integers(1, num_classes)
-  return {'image': _images(rng, batch_size, crop),
-          'valid': np.ones((batch_size, crop, crop), bool),
-          'boxes': boxes, 'box_labels': labels,
-          'grabcut': rng.integers(0, num_classes, (batch_size, crop, crop),
-                                  dtype=np.uint8),
-          'mask': rng.integers(0, num_classes, (batch_size, crop, crop),
-                               dtype=np.uint8)}
-
-
 def segmenter_network(name: str, rng, smoke: bool) -> Network:
   make_config, crop, batch_size, num_classes = SEGMENTERS[name]
   if smoke:
@@ -163,7 +133,7 @@ def segmenter_network(name: str, rng, smoke: bool) -> Network:
   normalization = image_ops.normalization_for(model_config,
                                               defaults.input_pipeline())
   optim_config = defaults.sgd_deeplab()
-  batch = {'image': _images(rng, batch_size, crop),
+  batch = {'image': timing.random_images(rng, batch_size, crop),
            'mask': rng.integers(0, num_classes, (batch_size, crop, crop),
                                 dtype=np.uint8)}
   return Network(
@@ -190,8 +160,8 @@ def box2seg_network(rng, smoke: bool) -> Network:
       model=box2seg_model.build_box2seg_model(config, num_classes),
       loss_fn=box2seg.train_loss(options, num_classes),
       optim_config=config.optim, normalization=normalization,
-      batch=box_batch(rng, batch_size, crop, num_classes,
-                      config.input.max_boxes, lambda: 3),
+      batch=timing.random_box_batch(rng, batch_size, crop, num_classes,
+                                   config.input.max_boxes),
       make_torch_step=lambda: tt.box2seg_step(
           tt.build_box2seg_twin(config, num_classes), config, num_classes,
           SCHEDULE_STEPS, normalization),
@@ -213,8 +183,9 @@ def labeler_network(rng, smoke: bool) -> Network:
       name='bana_labeler', model=build.build_model(config.model, num_classes),
       loss_fn=bana_objective.classifier_loss(options),
       optim_config=config.optim, normalization=normalization,
-      batch=box_batch(rng, batch_size, crop, num_classes, max_boxes,
-                      lambda: int(rng.integers(1, max_boxes + 1))),
+      batch=timing.random_box_batch(
+          rng, batch_size, crop, num_classes, max_boxes,
+          lambda: int(rng.integers(1, max_boxes + 1))),
       make_torch_step=lambda: tt.labeler_step(
           tt.build_segmenter_twin(config.model, num_classes), config,
           SCHEDULE_STEPS, normalization),

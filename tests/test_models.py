@@ -13,6 +13,7 @@ import pytest
 
 from wsss_jax import defaults
 from wsss_jax.models import build
+from wsss_jax.models import convolution
 from wsss_jax.models import layers
 from wsss_jax.models import weights
 
@@ -66,6 +67,11 @@ def _conv_geometry(model, variables, images):
     if isinstance(module, nn.Conv) and context.method_name == '__call__':
       record['/'.join(module.path)] = (module.strides, module.kernel_dilation,
                                        module.padding)
+    elif (isinstance(module, convolution.Conv)
+          and context.method_name == '__call__'):
+      record['/'.join(module.path)] = (
+          (module.stride,) * 2, (module.dilation,) * 2,
+          ((module.padding,) * 2,) * 2)
     elif (isinstance(module, layers.PointwiseConv)
           and context.method_name == '__call__'):
       record['/'.join(module.path)] = ((module.stride,) * 2, (1, 1),
@@ -254,30 +260,42 @@ def test_max_pool_gradient_equals_xla_rule_without_ties():
   assert np.isfinite(np.asarray(jitted(x))).all()
 
 
-@pytest.mark.parametrize('stride', [1, 2])
-def test_pointwise_conv_is_a_1x1_conv(stride):
+@pytest.mark.parametrize('kernel,stride,padding,dilation,module', [
+    (1, 1, 0, 1, layers.PointwiseConv),
+    (1, 2, 0, 1, layers.PointwiseConv),
+    (3, 1, 12, 12, convolution.Conv),    # dead taps pruned on a 9×8 map
+    (3, 2, 1, 1, convolution.Conv),
+])
+def test_conv2d_modules_are_nn_conv(kernel, stride, padding, dilation, module):
+  """`layers.conv2d`'s modules have nn.Conv's parameters, outputs and
+  gradients."""
   x = jax.random.normal(_key(0), (2, 9, 8, 5))
-  reference = nn.Conv(7, (1, 1), strides=(stride, stride),
-                      padding=((0, 0), (0, 0)),
+  reference = nn.Conv(7, (kernel, kernel), strides=(stride, stride),
+                      padding=((padding, padding),) * 2,
+                      kernel_dilation=(dilation, dilation),
                       kernel_init=layers.HE_NORMAL_FAN_IN,
                       bias_init=nn.initializers.constant(0.3))
-  ours = layers.conv2d(7, 1, stride=stride,
+  ours = layers.conv2d(7, kernel, stride=stride, padding=padding,
+                       dilation=dilation,
                        bias_init=nn.initializers.constant(0.3))
-  assert isinstance(ours, layers.PointwiseConv)
+  assert isinstance(ours, module)
   variables = reference.init(_key(1), x)
   # Same parameter names, shapes and initial values (same keys).
   jax.tree.map(np.testing.assert_array_equal, ours.init(_key(1), x),
                variables)
   np.testing.assert_allclose(ours.apply(variables, x),
                              reference.apply(variables, x), atol=1e-5)
-  assert ours.apply(variables, x).shape == (2, -(-9 // stride),
-                                             -(-8 // stride), 7)
+  assert ours.apply(variables, x).shape == reference.apply(variables,
+                                                           x).shape
   def loss(module):
     return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
   grads = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
   expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                grads, expected)
+  bf16 = layers.conv2d(7, kernel, padding=padding, dilation=dilation,
+                       dtype=jnp.bfloat16)
+  assert bf16.apply(variables, x).dtype == jnp.bfloat16
 
 
 def test_avg_pool_count_include_pad_hand_computed():

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from wsss_jax.models import convolution
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -86,21 +88,22 @@ def conv2d(features: int, kernel_size: int, *, stride: int = 1,
   Symmetric explicit padding gives PyTorch's output size
   floor((H + 2p - d(k - 1) - 1) / s) + 1.  Parameters are float32 whatever
   the computation `dtype`; kernels are HWIO, biases start at `bias_init`
-  (zero).  Unpadded 1×1 convolutions are `PointwiseConv` (a dot).
+  (zero).  Unpadded 1×1 convolutions are `PointwiseConv` (a dot), the others
+  `convolution.Conv` (`nn.Conv`'s parameters; taps that read only padding
+  dropped, a faster kernel gradient on XLA:CPU).
   """
   if kernel_size == 1 and padding == 0:
     return PointwiseConv(features, stride=stride, use_bias=use_bias,
                          dtype=dtype, kernel_init=kernel_init,
                          bias_init=bias_init, name=name)
-  return nn.Conv(
+  return convolution.Conv(
       features=features,
-      kernel_size=(kernel_size, kernel_size),
-      strides=(stride, stride),
-      padding=((padding, padding), (padding, padding)),
-      kernel_dilation=(dilation, dilation),
+      kernel_size=kernel_size,
+      stride=stride,
+      padding=padding,
+      dilation=dilation,
       use_bias=use_bias,
       dtype=dtype,
-      param_dtype=jnp.float32,
       kernel_init=kernel_init,
       bias_init=bias_init,
       name=name)
