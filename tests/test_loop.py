@@ -41,7 +41,7 @@ def _ce(outputs, batch, context):
   return loss, {'ce': loss}
 
 
-def _job(stage_dir, loss_fn=_ce, num_steps=6, wrap_step=None):
+def _job(stage_dir, loss_fn=_ce, num_steps=6, wrap_step=None, ema_decay=0.0):
   mesh = mesh_lib.make_mesh()
   model = TinyNet()
   config = defaults.sgd_deeplab(lr=0.05)
@@ -62,22 +62,27 @@ def _job(stage_dir, loss_fn=_ce, num_steps=6, wrap_step=None):
   return loop.TrainingJob(
       name='t', stage_dir=str(stage_dir),
       abstract_state=lambda: state_lib.abstract_train_state(
-          model, make_tx, jax.random.PRNGKey(0), (1, 8, 8, 3), mesh),
+          model, make_tx, jax.random.PRNGKey(0), (1, 8, 8, 3), mesh,
+          ema_decay=ema_decay),
       init_state=lambda: state_lib.create_train_state(
-          model, make_tx, jax.random.PRNGKey(0), (1, 8, 8, 3), mesh),
+          model, make_tx, jax.random.PRNGKey(0), (1, 8, 8, 3), mesh,
+          ema_decay=ema_decay),
       make_data_iter=make_iter, train_step=train_step, mesh=mesh,
       num_steps=num_steps, log_every=1, checkpoint_every=2,
       images_per_step=4)
 
 
 def _params(state):
-  return jax.tree.map(np.asarray, jax.device_get(state.params))
+  return jax.tree.map(np.asarray, jax.device_get(
+      {'params': state.params, 'ema': state.ema}))
 
 
 # Slow: a kill/resume test (three training runs with checkpoints).
 @pytest.mark.slow
-def test_resume_after_crash_is_bit_identical(tmp_path):
-  reference, summary = loop.train(_job(tmp_path / 'a'))
+@pytest.mark.parametrize('ema_decay', [0.0, 0.9])
+def test_resume_after_crash_is_bit_identical(tmp_path, ema_decay):
+  _job_ = functools.partial(_job, ema_decay=ema_decay)
+  reference, summary = loop.train(_job_(tmp_path / 'a'))
   assert summary['steps'] == 6 and len(summary['history']['train']) == 6
 
   calls = {'n': 0}
@@ -91,11 +96,11 @@ def test_resume_after_crash_is_bit_identical(tmp_path):
     return wrapped
 
   with pytest.raises(KeyboardInterrupt):
-    loop.train(_job(tmp_path / 'b', wrap_step=crash_after_three))
+    loop.train(_job_(tmp_path / 'b', wrap_step=crash_after_three))
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'b' / 'checkpoints'))
   assert ckpt.latest_step() == 2
   ckpt.close()
-  resumed, summary = loop.train(_job(tmp_path / 'b'))
+  resumed, summary = loop.train(_job_(tmp_path / 'b'))
   assert summary['resumed_from_step'] == 2
   # The history from before the crash survives in the checkpoint.
   assert [row['step'] for row in summary['history']['train']] == [1, 2, 3, 4,
@@ -172,3 +177,35 @@ def test_abstract_and_concrete_states_share_the_optimiser(tmp_path):
   assert job.abstract_state().tx is job.init_state().tx
   _, summary = loop.train(job)
   assert summary['steps_this_session'] == 6
+
+
+def test_ema_decay_and_update_hand_computed():
+  decay_at = lambda step: float(state_lib.ema_decay_at(step, 0.99))
+  assert decay_at(0) == pytest.approx(0.1)          # (1 + 0) / (10 + 0)
+  assert decay_at(90) == pytest.approx(0.91)        # 91 / 100
+  assert decay_at(10_000) == pytest.approx(0.99)
+  ema = state_lib.ema_update({'w': jnp.array([1.0, -2.0])},
+                             {'w': jnp.array([3.0, 2.0])}, 0, 0.99)
+  # 0.1 * 1 + 0.9 * 3 = 2.8;  0.1 * -2 + 0.9 * 2 = 1.6
+  np.testing.assert_allclose(ema['w'], [2.8, 1.6], rtol=1e-6)
+
+
+def test_ema_follows_the_trained_variables(tmp_path):
+  job = _job(tmp_path, ema_decay=0.9)
+  state = job.init_state()
+  initial = jax.device_get(state.live_variables)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ema),
+               initial)
+  batch = mesh_lib.device_batch(next(job.make_data_iter()), job.mesh)
+  expected = initial
+  for step in range(2):
+    state, _ = job.train_step(state, batch)
+    d = min(0.9, (1 + step) / (10 + step))
+    expected = jax.tree.map(lambda e, v, d=d: d * e + (1 - d) * v, expected,
+                            jax.device_get(state.live_variables))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+                 jax.device_get(state.ema), expected)
+  # Evaluation and export see the average, training the live weights.
+  assert state.variables is state.ema
+  off = _job(tmp_path / 'off').init_state()
+  assert off.ema == {} and off.variables == off.live_variables

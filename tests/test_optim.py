@@ -35,6 +35,20 @@ def test_poly_schedule_matches_pytorch_lambdalr():
                              [1.0, 0.9 ** 0.9, 0.1 ** 0.9], rtol=1e-5)
 
 
+def test_linear_warmup_hand_computed():
+  config = defaults.sgd_deeplab(lr=1.0)
+  config.schedule = 'constant'
+  config.warmup_steps = 4
+  schedule = optim.make_schedule(config, 10)
+  np.testing.assert_allclose([float(schedule(t)) for t in (0, 1, 3, 7)],
+                             [0.25, 0.5, 1.0, 1.0], rtol=1e-6)
+  config.schedule, config.warmup_steps = 'poly', 2
+  schedule = optim.make_schedule(config, 10)
+  # step 0: 1 · 1/2;  step 1: 0.9^0.9 · 1.
+  np.testing.assert_allclose([float(schedule(0)), float(schedule(1))],
+                             [0.5, 0.9 ** 0.9], rtol=1e-5)
+
+
 def test_step_schedule():
   config = defaults.sgd_deeplab(lr=1.0)
   config.schedule = 'step'

@@ -58,6 +58,8 @@ def validate(config) -> None:
   need(optim.lr > 0, 'optim.lr', f'must be > 0, got {optim.lr}')
   need(0 <= optim.momentum < 1, 'optim.momentum',
        f'must be in [0, 1), got {optim.momentum}')
+  need(optim.get('warmup_steps', 0) >= 0, 'optim.warmup_steps',
+       f"must be >= 0, got {optim.get('warmup_steps')}")
   need(optim.weight_decay >= 0, 'optim.weight_decay',
        f'must be >= 0, got {optim.weight_decay}')
   for group, mult in optim.lr_mult.items():
@@ -68,6 +70,8 @@ def validate(config) -> None:
     need(train[field] >= 1, f'train.{field}',
          f'must be >= 1, got {train[field]}')
   need(train.eval_every >= 0, 'train.eval_every', 'must be >= 0')
+  need(0 <= train.get('ema_decay', 0.0) < 1, 'train.ema_decay',
+       f"must be in [0, 1), got {train.get('ema_decay')}")
   need(inp.batch_size >= 1, 'input.batch_size',
        f'must be >= 1, got {inp.batch_size}')
   need(inp.crop_size >= 8, 'input.crop_size',

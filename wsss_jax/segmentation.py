@@ -213,7 +213,8 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       variables, record = initial_variables(rt, model, rng)
     init_record.update(record)
     return state_lib.create_train_state(model, make_tx, rng, image_shape,
-                                        rt.mesh, variables=variables)
+                                        rt.mesh, variables=variables,
+                                        ema_decay=config.train.ema_decay)
 
   # Periodic validation is a cheap progress signal: single scale, no CRF.
   evaluator = inference.Evaluator(model, rt.dataset, rt.val_split,
@@ -224,7 +225,8 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
   job = loop.TrainingJob(
       name=name, stage_dir=stage_dir, init_state=init_state,
       abstract_state=lambda: state_lib.abstract_train_state(
-          model, make_tx, rng, image_shape, rt.mesh),
+          model, make_tx, rng, image_shape, rt.mesh,
+          ema_decay=config.train.ema_decay),
       make_data_iter=lambda: iter(pipeline.train_loader(
           source, transform, batch_size, config.seed,
           config.input.worker_count)),

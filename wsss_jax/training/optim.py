@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 GROUPS = ('backbone_weight', 'backbone_bias', 'head_weight', 'head_bias')
@@ -53,6 +54,19 @@ def weight_decay_mask(params: Any) -> Any:
       lambda path, _: _leaf_name(path) == 'kernel', params)
 
 
+def linear_warmup(schedule: Callable[[Any], Any],
+                  warmup_steps: int) -> Callable[[Any], Any]:
+  """`schedule` scaled by min(1, (t + 1) / W) at the 0-based step t: the
+  first W updates ramp linearly up to the schedule (W = 0: unchanged)."""
+  if warmup_steps <= 0:
+    return schedule
+  def warmed(count):
+    ramp = jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) + 1.0) /
+                       float(warmup_steps))
+    return schedule(count) * ramp
+  return warmed
+
+
 def make_schedule(optim_config, num_steps: int) -> Callable[[Any], Any]:
   """Learning-rate schedule evaluated at the 0-based step count.
 
@@ -61,21 +75,24 @@ def make_schedule(optim_config, num_steps: int) -> Callable[[Any], Any]:
   after each optimiser step (docs/implementation_notes.md, "Optimisers").
   'step': ×0.1 at each boundary
   given as a fraction of `num_steps` (BANA stage 1).  'constant'.
+  Any of them times `linear_warmup` over `optim.warmup_steps` (0: none).
   """
   lr = float(optim_config.lr)
   kind = optim_config.schedule
   if kind == 'poly':
-    return optax.polynomial_schedule(init_value=lr, end_value=0.0,
-                                     power=float(optim_config.poly_power),
-                                     transition_steps=max(int(num_steps), 1))
-  if kind == 'step':
+    schedule = optax.polynomial_schedule(
+        init_value=lr, end_value=0.0, power=float(optim_config.poly_power),
+        transition_steps=max(int(num_steps), 1))
+  elif kind == 'step':
     boundaries = {int(round(f * num_steps)): 0.1
                   for f in optim_config.step_boundaries}
-    return optax.piecewise_constant_schedule(lr, boundaries)
-  if kind == 'constant':
-    return optax.constant_schedule(lr)
-  raise ValueError(f"optim.schedule={kind!r}; expected 'poly', 'step' or "
-                   "'constant'.")
+    schedule = optax.piecewise_constant_schedule(lr, boundaries)
+  elif kind == 'constant':
+    schedule = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"optim.schedule={kind!r}; expected 'poly', 'step' or "
+                     "'constant'.")
+  return linear_warmup(schedule, int(optim_config.get('warmup_steps', 0)))
 
 
 def make_optimizer(optim_config, params: Any, num_steps: int,

@@ -19,21 +19,53 @@ from wsss_jax.training import mesh as mesh_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """(step, params, batch_stats, opt_state, rng); the optimiser is static.
+  """(step, params, batch_stats, opt_state, rng, ema); the optimiser and the
+  EMA decay are static.
 
   `rng` is a raw uint32 key; each step uses fold_in(rng, step), so a resumed
-  run draws exactly the numbers an uninterrupted run would.
+  run draws exactly the numbers an uninterrupted run would.  `ema` is the
+  exponential moving average of {params, batch_stats} (`ema_update`), or {}
+  when `ema_decay` is 0.
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  ema: Any
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  @property
+  def live_variables(self) -> dict[str, Any]:
+    """The variables the optimiser is training."""
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
   @property
   def variables(self) -> dict[str, Any]:
-    return {'params': self.params, 'batch_stats': self.batch_stats}
+    """The variables to evaluate, export and label with: the EMA when on."""
+    return self.ema if self.ema_decay else self.live_variables
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The averaging weight of update `step` (0-based): min(decay,
+  (1 + step) / (10 + step)), so the average is not dominated by the
+  initialisation in the first hundred steps (TensorFlow's
+  `ExponentialMovingAverage` with `num_updates`)."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: Any, variables: Any, step: jax.Array,
+               decay: float) -> Any:
+  """Polyak averaging: ema <- d·ema + (1 − d)·variables, d = `ema_decay_at`.
+
+  Applied to the parameters and BatchNorm's running statistics alike, so
+  the averaged network carries statistics of the averaged weights' era.
+  """
+  d = ema_decay_at(step, decay)
+  return jax.tree.map(
+      lambda e, v: (d * e + (1.0 - d) * v).astype(e.dtype), ema, variables)
 
 
 def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]
@@ -87,29 +119,34 @@ def _optimizer(make_tx, params) -> optax.GradientTransformation:
   return by_structure[structure]
 
 
-def _state_fn(model, make_tx, image_shape):
+def _state_fn(model, make_tx, image_shape, ema_decay):
   def init_fn(init_rng, train_rng, variables):
     if variables is None:
       variables = init_variables(model, init_rng, image_shape)
     tx = _optimizer(make_tx, variables['params'])
+    live = {'params': variables['params'],
+            'batch_stats': variables.get('batch_stats', {})}
     return TrainState(step=jnp.zeros((), jnp.int32),
-                      params=variables['params'],
-                      batch_stats=variables.get('batch_stats', {}),
+                      params=live['params'],
+                      batch_stats=live['batch_stats'],
                       opt_state=tx.init(variables['params']),
-                      rng=train_rng, tx=tx)
+                      rng=train_rng,
+                      ema=jax.tree.map(jnp.copy, live) if ema_decay else {},
+                      tx=tx, ema_decay=float(ema_decay))
   return init_fn
 
 
 def abstract_train_state(model, make_tx, rng: jax.Array,
-                         image_shape: tuple[int, ...], mesh) -> TrainState:
+                         image_shape: tuple[int, ...], mesh,
+                         ema_decay: float = 0.0) -> TrainState:
   """Shapes, dtypes and (replicated) shardings of the state; no compute.
 
   What a checkpoint restore needs: a resumed run never initialises or
   loads pretrained weights only to throw them away.
   """
   init_rng, train_rng = jax.random.split(rng)
-  abstract = jax.eval_shape(_state_fn(model, make_tx, image_shape), init_rng,
-                            train_rng, None)
+  abstract = jax.eval_shape(_state_fn(model, make_tx, image_shape, ema_decay),
+                            init_rng, train_rng, None)
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=mesh_lib.replicated(mesh)),
@@ -118,7 +155,8 @@ def abstract_train_state(model, make_tx, rng: jax.Array,
 
 def create_train_state(model, make_tx, rng: jax.Array,
                        image_shape: tuple[int, ...], mesh,
-                       variables: dict[str, Any] | None = None) -> TrainState:
+                       variables: dict[str, Any] | None = None,
+                       ema_decay: float = 0.0) -> TrainState:
   """A replicated TrainState, created directly with its sharding.
 
   Args:
@@ -129,9 +167,11 @@ def create_train_state(model, make_tx, rng: jax.Array,
     mesh: the device mesh; every leaf is replicated over it.
     variables: optional initial variables (e.g. pretrained weights merged into
       a fresh init); when given, they replace the random init.
+    ema_decay: 0 (no average) or the decay of `ema_update`; the average
+      starts at the initial variables.
   """
   init_rng, train_rng = jax.random.split(rng)
-  init_fn = _state_fn(model, make_tx, image_shape)
+  init_fn = _state_fn(model, make_tx, image_shape, ema_decay)
   abstract = jax.eval_shape(init_fn, init_rng, train_rng, variables)
   sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract)
   return jax.jit(init_fn, out_shardings=sharding)(init_rng, train_rng,

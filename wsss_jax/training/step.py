@@ -20,6 +20,7 @@ import optax
 from wsss_jax.data import schema
 from wsss_jax.ops import image as image_ops
 from wsss_jax.training import mesh as mesh_lib
+from wsss_jax.training import state as state_lib
 from wsss_jax.training.state import TrainState
 
 
@@ -60,8 +61,14 @@ def make_train_step(model, loss_fn: LossFn, normalization: str, mesh,
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    ema = state.ema
+    if state.ema_decay:
+      ema = state_lib.ema_update(
+          ema, {'params': params, 'batch_stats': batch_stats}, state.step,
+          state.ema_decay)
     new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+                              batch_stats=batch_stats, opt_state=opt_state,
+                              ema=ema)
     return new_state, metrics
 
   replicated = mesh_lib.replicated(mesh)

@@ -1,0 +1,82 @@
+"""experiments/stability.py: its statistics by hand, and one tiny sweep end
+to end (two seeds x two rounding orders)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import stability  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_output_name():
+  assert stability.output_name('configs/supervised.py', '') == (
+      'stability_supervised')
+  assert stability.output_name('configs/box2seg.py:grabcut,tiny', 'x') == (
+      'stability_box2seg-grabcut-tiny_x')
+
+
+def test_max_drop_after_first_third_hand_computed():
+  curve = [[100, 30.0], [200, 50.0], [300, 40.0], [400, 45.0], [500, 41.0],
+           [600, 60.0]]
+  # 600 steps: the first third ends at 200; drops after it: 300 (50 -> 40 =
+  # 10) and 500 (45 -> 41 = 4).
+  assert stability.max_drop_after_first_third(curve, 600) == 10.0
+  # The same fall inside the first third does not count.
+  assert stability.max_drop_after_first_third(curve, 1000) == 4.0
+  assert stability.max_drop_after_first_third([[10, 1.0], [20, 2.0]], 20) == 0
+  assert stability.max_drop_after_first_third([], 20) == 0
+
+
+def test_summarise_hand_computed():
+  runs = [{'seed': s, 'order': o, 'val_miou': v,
+           'max_drop_after_first_third': d}
+          for s, o, v, d in [(0, 'one_device', 60.0, 1.0),
+                             (0, 'two_devices', 61.5, 0.0),
+                             (1, 'one_device', 62.0, 3.0),
+                             (1, 'two_devices', 61.0, 0.5)]]
+  summary = stability.summarise(runs, ['one_device', 'two_devices'], [0, 1])
+  assert summary['mean'] == 61.0
+  assert summary['std'] == pytest.approx(2 ** 0.5)   # sample s.d. of 60, 62
+  assert summary['rounding_differences'] == [1.5, 1.0]
+  assert summary['rounding_spread'] == 1.5
+  assert summary['max_drop_after_first_third'] == 3.0
+  assert summary['val_miou']['two_devices/seed1'] == 61.0
+  one_order = stability.summarise(runs[::2], ['one_device'], [0, 1])
+  assert one_order['rounding_spread'] is None
+  assert stability.summarise(runs[:1], ['one_device'], [0])['std'] is None
+
+
+@pytest.mark.slow          # four tiny runs in subprocesses: ~1-2 min
+def test_tiny_sweep_end_to_end(tmp_path):
+  env = dict(os.environ, WSSS_JAX_DATA_DIR=str(tmp_path / 'data'))
+  command = [sys.executable, os.path.join(REPO, 'experiments', 'stability.py'),
+             '--config=configs/supervised.py:tiny', '--seeds=0,1',
+             f'--root={tmp_path / "runs"}', f'--out={tmp_path / "out"}',
+             '--override=train.num_steps=4', '--eval_every=2']
+  done = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = tmp_path / 'out'
+  payload = json.loads((out / 'stability_supervised-tiny.json').read_text())
+  assert set(payload['val_miou']) == {
+      'one_device/seed0', 'two_devices/seed0', 'one_device/seed1',
+      'two_devices/seed1'}
+  for key in ('mean', 'std', 'rounding_spread'):
+    assert isinstance(payload[key], float), key
+  for run in payload['runs']:
+    assert [step for step, _ in run['curve']] == [2, 4]
+    assert 0 <= run['val_miou'] <= 100
+  assert (out / 'stability_supervised-tiny.png').stat().st_size > 0
+  # Rerunning reads the finished runs back instead of training again.
+  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((out / 'stability_supervised-tiny.json').read_text())[
+      'val_miou'] == payload['val_miou']
