@@ -238,11 +238,8 @@ def base_config(name: str, method: str, variant: str = '') -> ConfigDict:
   config.model = tiny_model()
   config.optim = adam_benchmark()
   config.train = training(num_steps=700)
-  # Polyak averaging of the weights: the benchmark trains from scratch with
-  # Adam at 3e-3, whose validation curve swings by 10-17 points between
-  # evaluations; the average's is monotone (experiments/RESULTS.md §11).
   config.train.update(eval_every=150, eval_max_images=100,
-                      checkpoint_every=100, ema_decay=0.99)
+                      checkpoint_every=100)
   config.eval = evaluation()
   config.mesh = ConfigDict(dict(num_devices=0))   # 0: every device
   config.compute_dtype = 'float32'                # or 'bfloat16' (params fp32)
@@ -280,8 +277,7 @@ def voc_preset(config: ConfigDict) -> ConfigDict:
                       pad_mode='symmetric', max_boxes=64, worker_count=4)
   config.optim = sgd_deeplab(lr=1e-3)
   config.train.update(num_steps=23805, log_every=20, checkpoint_every=1000,
-                      eval_every=5000, eval_max_images=300,
-                      ema_decay=0.0)    # the papers evaluate the last weights
+                      eval_every=5000, eval_max_images=300)
   config.eval.update(batch_size=8, bucket_size=504, crf_workers=8,
                      worker_count=4)
   return config
