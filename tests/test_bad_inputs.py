@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming what is wrong (issue checklist)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,20 @@ def test_all_invalid_fields_are_listed_at_once():
     config_checks.validate(config)
   assert 'optim.lr' in str(error.value)
   assert 'optim.weight_decay' in str(error.value)
+
+
+def test_workdir_of_an_older_config_resumes_only_with_neutral_new_fields(
+    tmp_path):
+  """A config.json written before train.ema_decay existed resumes when the
+  new config keeps EMA off, and is refused when it turns EMA on."""
+  config = defaults.base_config('supervised', method='supervised')
+  config.train.ema_decay, config.optim.warmup_steps = 0.0, 0
+  config_checks.check_workdir_config(config, str(tmp_path))
+  path = tmp_path / 'config.json'
+  saved = json.loads(path.read_text())
+  del saved['train']['ema_decay'], saved['optim']['warmup_steps']
+  path.write_text(json.dumps(saved))
+  config_checks.check_workdir_config(config, str(tmp_path))    # resumes
+  config.train.ema_decay = 0.99
+  with pytest.raises(config_checks.ConfigError, match='train.ema_decay'):
+    config_checks.check_workdir_config(config, str(tmp_path))

@@ -47,14 +47,19 @@ def test_class_names():
     render.class_names('other', 3)
 
 
-def test_aux_family_is_disjoint_from_main():
-  main, aux = set(render.SHAPES['main']), set(render.SHAPES['aux'])
-  assert len(main) == len(aux) == render.MAX_CLASSES
-  assert not main & aux
+@pytest.mark.parametrize('other', ['aux', 'pretrain'])
+def test_aux_and_pretrain_families_share_no_shape_or_texture(other):
+  """The auxiliary (LPG) and pretraining classes are disjoint from the
+  target classes and from each other, in shape and in texture."""
   textures = {f: {render._STYLE[s][1] for s in render.SHAPES[f]}
               for f in render.FAMILIES}
-  assert len(textures['main']) == len(textures['aux']) == 6
-  assert not textures['main'] & textures['aux']
+  for family in ('main', 'aux', 'pretrain'):
+    if family == other:
+      continue
+    assert len(render.SHAPES[other]) == len(render.SHAPES[family]) == 6
+    assert not set(render.SHAPES[family]) & set(render.SHAPES[other])
+    assert len(textures[family]) == len(textures[other]) == 6
+    assert not textures[family] & textures[other]
 
 
 def test_same_seed_same_arrays_different_seed_different():
@@ -188,8 +193,8 @@ def test_polygon_sdf_matches_hand_computed_distances():
   np.testing.assert_allclose(sd, [0.3, -0.2], atol=1e-6)
 
 
-@pytest.mark.parametrize('shape',
-                         render.SHAPES['main'] + render.SHAPES['aux'])
+@pytest.mark.parametrize('shape', render.SHAPES['main'] + render.SHAPES['aux']
+                         + render.SHAPES['pretrain'])
 def test_every_shape_is_non_empty_and_within_reach(shape):
   u, v = np.meshgrid(*(2 * [np.linspace(-2, 2, 161, dtype=np.float32)]))
   for seed in range(5):

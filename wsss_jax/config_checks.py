@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from wsss_jax import pretraining
 from wsss_jax.atomic import write_json_atomic
 
 # Fields that may change between a run and its resumption without changing
@@ -18,6 +19,11 @@ RESUME_SAFE_FIELDS = ('eval.crf_workers', 'eval.worker_count', 'input.cache_mb',
                       'train.log_every', 'data.data_dir', 'data.voc.voc_root',
                       'data.voc.sbd_root', 'data.voc.seg_aug_root',
                       'data.coco.root')
+
+# Fields added after runs already existed, with the value that computes what
+# the code did before them: a workdir whose config.json lacks one resumes
+# when the new config holds that value.
+NEUTRAL_WHEN_ABSENT = {'train.ema_decay': 0.0, 'optim.warmup_steps': 0}
 
 
 class ConfigError(ValueError):
@@ -107,6 +113,25 @@ def validate(config) -> None:
     need(1 <= shapes.min_objects <= shapes.max_objects,
          'data.shapes.min_objects/max_objects',
          'need 1 <= min_objects <= max_objects')
+  init_weights = str(config.model.get('init_weights', ''))
+  if init_weights.startswith('builtin:'):
+    try:
+      pretraining.builtin_name(init_weights)
+    except ValueError as error:
+      errors.append(str(error))
+    p = config.get('pretrain')
+    need(p is not None, 'pretrain', 'built-in weights need a pretrain section '
+         '(defaults.benchmark_pretraining)')
+    if p is not None:
+      for field, low in (('num_steps', 1), ('batch_size', 1),
+                         ('crop_size', 8), ('image_size', 16),
+                         ('num_train', 1), ('num_val', 1),
+                         ('fc6_dilation', 1), ('min_pixels', 1)):
+        need(p[field] >= low, f'pretrain.{field}',
+             f'must be >= {low}, got {p[field]}')
+      need(p.lr > 0, 'pretrain.lr', f'must be > 0, got {p.lr}')
+      need(p.task in pretraining.TASKS, 'pretrain.task',
+           f'must be one of {pretraining.TASKS}, got {p.task!r}')
   if errors:
     raise ConfigError('Invalid configuration:\n  ' + '\n  '.join(errors))
 
@@ -129,7 +154,8 @@ def check_workdir_config(config, workdir: str) -> None:
   """Refuses to resume a workdir that was started with another config.
 
   The first run writes `<workdir>/config.json`; a rerun compares against it
-  (fields in RESUME_SAFE_FIELDS may differ).
+  (fields in RESUME_SAFE_FIELDS may differ; a field of NEUTRAL_WHEN_ABSENT
+  the first run's config lacks counts as its neutral value).
   """
   path = os.path.join(workdir, 'config.json')
   current = config_as_dict(config)
@@ -140,6 +166,9 @@ def check_workdir_config(config, workdir: str) -> None:
   with open(path) as f:
     previous = json.load(f)
   old, new = _flatten(previous), _flatten(current)
+  for key, neutral in NEUTRAL_WHEN_ABSENT.items():
+    if key not in old and new.get(key) == neutral:
+      old[key] = neutral
   changed = sorted(
       key for key in set(old) | set(new)
       if old.get(key) != new.get(key) and key not in RESUME_SAFE_FIELDS)

@@ -35,10 +35,12 @@ def _data_section(name: str, train_split: str, **source) -> ConfigDict:
 def shapes_data(family: str = 'main') -> ConfigDict:
   """The embedded synthetic benchmark (no download; generated and cached).
 
-  `family`: 'main' (dataset 'shapes'), 'aux' ('shapes_aux', other classes) or
-  'hard' ('shapes_hard', the main classes on GrabCut-hard scenes).
+  `family`: 'main' (dataset 'shapes'), 'aux' ('shapes_aux', other classes),
+  'hard' ('shapes_hard', the main classes on GrabCut-hard scenes) or
+  'pretrain' ('shapes_pretrain', the backbone pretraining classes).
   """
-  names = {'main': 'shapes', 'aux': 'shapes_aux', 'hard': 'shapes_hard'}
+  names = {'main': 'shapes', 'aux': 'shapes_aux', 'hard': 'shapes_hard',
+           'pretrain': 'shapes_pretrain'}
   if family not in names:
     raise ValueError(f'shapes family={family!r}: expected one of '
                      f'{sorted(names)}.')
@@ -195,6 +197,29 @@ def training(num_steps: int) -> ConfigDict:
   ))
 
 
+def benchmark_pretraining() -> ConfigDict:
+  """How `model.init_weights='builtin:shapes_pretrain'` is made: training on
+  the `shapes_pretrain` family, whose classes no benchmark config uses
+  (wsss_jax.pretraining).  Generated once per setting and device count, then
+  cached."""
+  return ConfigDict(dict(
+      # 'segmentation' (cross-entropy on the family's masks) or
+      # 'classification' (multi-label, GAP): experiments/RESULTS.md §11.
+      task='segmentation',
+      num_steps=1000,
+      batch_size=32,
+      crop_size=96,
+      lr=3e-3,                   # Adam, one learning rate for every layer
+      image_size=128,
+      num_train=4000,
+      num_val=300,
+      fc6_dilation=4,
+      min_pixels=16,             # a class counts as present in a crop from
+                                 # this many pixels
+      seed=0,
+  ))
+
+
 def crf_config(**overrides: float) -> ConfigDict:
   """A DenseCRF config section (`eval.crf_params`, `bana.label_crf`).
 
@@ -236,10 +261,13 @@ def base_config(name: str, method: str, variant: str = '') -> ConfigDict:
   config.data = shapes_data()
   config.input = input_pipeline(crop_size=96, batch_size=16)
   config.model = tiny_model()
+  config.model.init_weights = 'builtin:shapes_pretrain'
+  config.pretrain = benchmark_pretraining()
   config.optim = adam_benchmark()
   config.train = training(num_steps=700)
+  # EMA 0.99 for validation, export and labels: experiments/RESULTS.md §11.
   config.train.update(eval_every=150, eval_max_images=100,
-                      checkpoint_every=100)
+                      checkpoint_every=100, ema_decay=0.99)
   config.eval = evaluation()
   config.mesh = ConfigDict(dict(num_devices=0))   # 0: every device
   config.compute_dtype = 'float32'                # or 'bfloat16' (params fp32)
@@ -260,6 +288,8 @@ def tiny_preset(config: ConfigDict) -> ConfigDict:
                       eval_every=0, eval_max_images=4)
   config.eval.update(batch_size=4)
   config.report.num_examples = 2
+  config.pretrain.update(num_steps=2, batch_size=4, crop_size=32,
+                         image_size=32, num_train=8, num_val=4, min_pixels=2)
   return config
 
 
@@ -277,7 +307,7 @@ def voc_preset(config: ConfigDict) -> ConfigDict:
                       pad_mode='symmetric', max_boxes=64, worker_count=4)
   config.optim = sgd_deeplab(lr=1e-3)
   config.train.update(num_steps=23805, log_every=20, checkpoint_every=1000,
-                      eval_every=5000, eval_max_images=300)
+                      eval_every=5000, eval_max_images=300, ema_decay=0.0)
   config.eval.update(batch_size=8, bucket_size=504, crf_workers=8,
                      worker_count=4)
   return config

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from wsss_jax import config_checks, methods, runtime, stages
+from wsss_jax import config_checks, methods, pretraining, runtime, stages
 from wsss_jax.atomic import write_json_atomic
 from wsss_jax.training import mesh as mesh_lib
 from wsss_jax.reporting import report, results as results_lib
@@ -76,7 +76,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   start = time.time()
   config_checks.validate(config)
-  rt = runtime.make_runtime(config)       # fails early on missing data
+  rt = runtime.make_runtime(                # fails early on missing data
+      config, builtin_weights=pretraining.builtin_weights)
   config_checks.check_workdir_config(config, workdir)
   log.info('Run %s (%s) on %s, %d device(s), workdir %s', config.name,
                config.method, rt.dataset.name, rt.mesh.devices.size, workdir)

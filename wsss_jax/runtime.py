@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +20,17 @@ class Runtime:
   `dataset` is the run's target dataset (`config.data`); a method that also
   trains on another dataset (LPG's auxiliary classes) gets a runtime for it
   with `with_data`.
+
+  `builtin_weights(runtime, 'builtin:NAME') -> (weight file, record)` makes
+  (or finds in its cache) the weights a `model.init_weights='builtin:...'`
+  names; `wsss_jax.run` plugs in `pretraining.builtin_weights`.
   """
   config: Any
   dataset: registry.Dataset
   mesh: jax.sharding.Mesh
   normalization: str
   compute_dtype: Any
+  builtin_weights: Callable[..., tuple[str, dict]] | None = None
 
   def with_config(self, config) -> 'Runtime':
     """This runtime (same dataset and mesh) for stages that run with another
@@ -67,7 +72,9 @@ class Runtime:
     return image_ops.pad_color(self.normalization)
 
 
-def make_runtime(config, dataset: registry.Dataset | None = None) -> Runtime:
+def make_runtime(config, dataset: registry.Dataset | None = None,
+                 builtin_weights: Callable[..., tuple[str, dict]] | None = None
+                 ) -> Runtime:
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(
       config.compute_dtype)
   if dtype is None:
@@ -78,4 +85,4 @@ def make_runtime(config, dataset: registry.Dataset | None = None) -> Runtime:
       dataset=dataset or registry.open_dataset(config.data),
       mesh=mesh_lib.make_mesh(config.mesh.num_devices),
       normalization=image_ops.normalization_for(config.model, config.input),
-      compute_dtype=dtype)
+      compute_dtype=dtype, builtin_weights=builtin_weights)

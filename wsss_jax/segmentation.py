@@ -130,6 +130,19 @@ def initial_variables(rt: Runtime, model, rng: jax.Array
                   'convert_weights`).', rt.config.model.backbone,
                   rt.dataset.name)
     return variables, {'init': 'scratch'}
+  if weights_lib.is_builtin(path):
+    if rt.builtin_weights is None:
+      raise ValueError(
+          f'model.init_weights={path!r} names built-in weights, but this '
+          'runtime cannot make them: build it with make_runtime(config, '
+          'builtin_weights=pretraining.builtin_weights), as wsss_jax.run does.')
+    file, info = rt.builtin_weights(rt, path)
+    variables, report = weights_lib.load_weights(
+        variables, file, allow_missing=weights_lib.NOT_BACKBONE)
+    log.info('Initialised the backbone from %s (%s; pretraining scores on '
+             'its val split: %s).', path, file, info['val'])
+    return variables, {'init': path, 'pretraining': info,
+                       **json_safe(report)}
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'model.init_weights={path!r} does not exist. Convert a PyTorch file '

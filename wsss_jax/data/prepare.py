@@ -6,7 +6,7 @@ Command line (see `--help`):
       [--sbd-root=.../benchmark_RELEASE/dataset
        | --seg-aug-root=.../SegmentationClassAug]
   python -m wsss_jax.data.prepare coco --coco-root=... [--class-set=non_voc]
-  python -m wsss_jax.data.prepare shapes [--family=main|aux|hard]
+  python -m wsss_jax.data.prepare shapes [--family=main|aux|hard|pretrain]
 
 Every form takes `--data-dir` (default: $WSSS_JAX_DATA_DIR or
 ~/.cache/wsss_jax/datasets).  Preparing is idempotent: a dataset already
@@ -275,9 +275,10 @@ def _parser() -> argparse.ArgumentParser:
 
   shapes = sub.add_parser('shapes', help='the synthetic benchmark.')
   shapes.add_argument('--family', default='main',
-                      choices=('main', 'aux', 'hard'),
+                      choices=('main', 'aux', 'hard', 'pretrain'),
                       help="'aux': the auxiliary shape family (LPG); 'hard': "
-                      'the main classes on GrabCut-hard scenes (Box2Seg)')
+                      'the main classes on GrabCut-hard scenes (Box2Seg); '
+                      "'pretrain': the backbone pretraining classes")
 
   for p in (voc, coco, shapes):
     p.add_argument('--data-dir', default='',

@@ -28,6 +28,7 @@ _BUILDER_MODULES = {
     'shapes': 'wsss_jax.data.shapes.builder',
     'shapes_aux': 'wsss_jax.data.shapes.builder',
     'shapes_hard': 'wsss_jax.data.shapes.builder',
+    'shapes_pretrain': 'wsss_jax.data.shapes.builder',
     'voc': 'wsss_jax.data.voc.builder',
     'coco': 'wsss_jax.data.coco.builder',
 }

@@ -22,12 +22,23 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 COLLECTIONS_WITH_BN_AFFINE = ('params', 'batch_stats')
+# `model.init_weights` values naming weights the library makes itself
+# (wsss_jax.pretraining) rather than a file.
+BUILTIN_PREFIX = 'builtin:'
+# Every model leaf outside the backbone: what a backbone-only file leaves at
+# its initial value.
+NOT_BACKBONE = (r'(params|batch_stats)/(?!backbone/).*',)
 _BN_AFFINE_LEAVES = ('scale', 'bias')
 _MAX_LISTED = 20
 
 
 class WeightsError(ValueError):
   """A weight file that does not fit the model (or cannot be read)."""
+
+
+def is_builtin(init_weights: str) -> bool:
+  """Whether `model.init_weights` names built-in weights ('builtin:NAME')."""
+  return str(init_weights).startswith(BUILTIN_PREFIX)
 
 
 def flatten_variables(variables: Mapping[str, Any]) -> dict[str, Any]:

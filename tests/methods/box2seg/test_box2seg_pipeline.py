@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsss_jax import run, segmentation
+from wsss_jax import pretraining, run, segmentation
 from wsss_jax.methods.box2seg import model as box2seg_model
 from wsss_jax.methods.box2seg import objective as box2seg
 from wsss_jax.models import weights
@@ -139,7 +139,7 @@ def test_two_phases_switch_and_freeze_the_right_branches(tmp_path):
   assert results['training']['train']['initialisation']['init'] == (
       os.path.abspath(pretrained))
   # Phase 1 trains the encoder, decoder and embeddings only.
-  rt = make_runtime(config)
+  rt = make_runtime(config, builtin_weights=pretraining.builtin_weights)
   model = box2seg_model.build_box2seg_model(config, rt.num_classes)
   initial, _ = segmentation.initial_variables(rt, model,
                                               jax.random.PRNGKey(config.seed))

@@ -31,7 +31,7 @@ from wsss_jax.data.shapes import render
 
 # config.data.name -> render family.
 FAMILY_OF_DATASET = {'shapes': 'main', 'shapes_aux': 'aux',
-                     'shapes_hard': 'hard'}
+                     'shapes_hard': 'hard', 'shapes_pretrain': 'pretrain'}
 
 
 @dataclasses.dataclass(eq=False)

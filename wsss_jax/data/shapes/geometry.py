@@ -38,6 +38,11 @@ def shape_sdf(shape: str, rng: np.random.Generator) -> tuple[Sdf, float]:
     inner, shift = u01(0.65, 0.9), u01(0.3, 0.55)
     return (lambda u, v: np.maximum(np.hypot(u, v) - 1,
                                     inner - np.hypot(u - shift, v))), 1.0
+  if shape == 'semicircle':   # a half disc, flat side down, centred on its box
+    return (lambda u, v: np.maximum(np.hypot(u, v - 0.5) - 1, v - 0.5)), 1.12
+  if shape == 'capsule':      # a segment of half-length a, thickened by r
+    a, r = u01(0.35, 0.6), u01(0.3, 0.4)
+    return (lambda u, v: np.hypot(u - np.clip(u, -a, a), v) - r), a + r
   vertices = polygon(shape, rng)
   reach = float(np.hypot(vertices[:, 0], vertices[:, 1]).max())
   return (lambda u, v: polygon_sdf(vertices, u, v)), reach
@@ -82,6 +87,20 @@ def polygon(shape: str, rng: np.random.Generator) -> np.ndarray:
   elif shape == 'bowtie':
     h, w = u01(0.5, 0.85), u01(0.1, 0.22)
     pts = [(-1, -h), (0, -w), (1, -h), (1, h), (0, w), (-1, h)]
+  elif shape == 'diamond':
+    w = u01(0.5, 0.8)
+    pts = [(0, -1), (w, 0), (0, 1), (-w, 0)]
+  elif shape == 'trapezoid':
+    top, h = u01(0.3, 0.6), u01(0.55, 0.8)
+    pts = [(-top, -h), (top, -h), (1, h), (-1, h)]
+  elif shape == 'tee':
+    t, bar = u01(0.18, 0.3), u01(0.22, 0.35)
+    pts = [(-1, -0.8), (1, -0.8), (1, -0.8 + bar), (t, -0.8 + bar), (t, 1),
+           (-t, 1), (-t, -0.8 + bar), (-1, -0.8 + bar)]
+  elif shape == 'chevron':
+    t, d = u01(0.3, 0.45), u01(0.5, 0.8)
+    pts = [(-1, -d / 2), (0, d / 2), (1, -d / 2), (1, -d / 2 + t),
+           (0, d / 2 + t), (-1, -d / 2 + t)]
   elif shape == 'wave':
     s = np.linspace(-1, 1, 10)
     centre = u01(0.25, 0.4) * np.sin(np.pi * u01(1.0, 1.8) * s + u01(0, 6.3))

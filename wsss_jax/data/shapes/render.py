@@ -35,10 +35,15 @@ import numpy as np
 from wsss_jax.data import schema
 from wsss_jax.data.shapes import geometry
 
-FAMILIES = ('main', 'aux', 'hard')
+FAMILIES = ('main', 'aux', 'hard', 'pretrain')
 SHAPES = {
     'main': ('ellipse', 'triangle', 'star', 'ring', 'cross', 'crescent'),
     'aux': ('polygon', 'heart', 'arrow', 'lshape', 'bowtie', 'wave'),
+    # The benchmark's "ImageNet": classes of their own for pretraining the
+    # backbone (wsss_jax.pretraining); shapes and textures shared with no
+    # other family.
+    'pretrain': ('diamond', 'trapezoid', 'tee', 'chevron', 'semicircle',
+                 'capsule'),
 }
 SHAPES['hard'] = SHAPES['main']
 MAX_CLASSES = 6
@@ -49,7 +54,8 @@ MIN_VISIBLE_PIXELS = 20
 MIN_IMAGE_SIZE = 16
 _SPLIT_CODES = {('main', 'train'): 0, ('main', 'val'): 1,
                 ('aux', 'train'): 2, ('aux', 'val'): 3,
-                ('hard', 'train'): 4, ('hard', 'val'): 5}
+                ('hard', 'train'): 4, ('hard', 'val'): 5,
+                ('pretrain', 'train'): 6, ('pretrain', 'val'): 7}
 _MAX_ATTEMPTS = 20
 _RADIUS_RANGE = (13.0, 42.0)       # half-size in px at 128 px (uniform)
 _NOISE_SIGMA = 2.0                 # per-pixel sensor noise, grey levels
@@ -65,6 +71,9 @@ _STYLE = {
     'polygon': (25.0, 'hatch', 180.0), 'heart': (340.0, 'outline', 20.0),
     'arrow': (80.0, 'grid', 180.0), 'lshape': (160.0, 'bands', 30.0),
     'bowtie': (210.0, 'zigzag', 40.0), 'wave': (265.0, 'blotch', 30.0),
+    'diamond': (35.0, 'spiral', 20.0), 'trapezoid': (95.0, 'squares', 25.0),
+    'tee': (150.0, 'waves', 20.0), 'chevron': (220.0, 'ramp', 180.0),
+    'semicircle': (275.0, 'polka', 30.0), 'capsule': (320.0, 'hexweave', 180.0),
 }
 
 
@@ -332,6 +341,19 @@ def _texture(kind: str, rng: np.random.Generator, u: np.ndarray,
     field = np.sin(k * (u + 0.6 * period * np.abs((v / period) % 2 - 1)))
   elif kind == 'blotch':
     field = np.clip(2 * _smooth_noise(rng, *u.shape, 3)[..., 0], -1, 1)
+  elif kind == 'spiral':
+    field = np.cos(k * np.hypot(u, v) + 3 * np.arctan2(v, u))
+  elif kind == 'squares':
+    field = np.cos(k * np.maximum(np.abs(u), np.abs(v)))
+  elif kind == 'waves':
+    field = np.sin(k * v + 2 * np.sin(k * u / 2))
+  elif kind == 'ramp':
+    field = np.clip(u / radius, -1, 1)
+  elif kind == 'polka':
+    field = np.clip(3 * (np.cos(k * u / 2) + np.cos(k * v / 2) - 1.2), -1, 1)
+  elif kind == 'hexweave':
+    field = np.clip((np.cos(k * u) + np.cos(k * (0.866 * v - 0.5 * u))
+                     + np.cos(k * (-0.866 * v - 0.5 * u))) / 1.5, -1, 1)
   else:
     raise ValueError(f'Unknown texture {kind!r}.')
   return field.astype(np.float32)
