@@ -188,6 +188,13 @@ def test_ema_decay_and_update_hand_computed():
                              {'w': jnp.array([3.0, 2.0])}, 0, 0.99)
   # 0.1 * 1 + 0.9 * 3 = 2.8;  0.1 * -2 + 0.9 * 2 = 1.6
   np.testing.assert_allclose(ema['w'], [2.8, 1.6], rtol=1e-6)
+  # A frozen leaf (equal to its average) is kept bit-exactly: d·x + (1 − d)·x
+  # rounds 42 of 1,000 normal draws off x by an ulp at d = 0.91.
+  frozen = jax.random.normal(jax.random.PRNGKey(0), (1000,))
+  d = state_lib.ema_decay_at(90, 0.99)
+  assert np.any(np.asarray(d * frozen + (1 - d) * frozen) != frozen)
+  kept = state_lib.ema_update({'w': frozen}, {'w': frozen}, 90, 0.99)['w']
+  np.testing.assert_array_equal(kept, frozen)
 
 
 def test_ema_follows_the_trained_variables(tmp_path):

@@ -62,10 +62,13 @@ def ema_update(ema: Any, variables: Any, step: jax.Array,
 
   Applied to the parameters and BatchNorm's running statistics alike, so
   the averaged network carries statistics of the averaged weights' era.
+  A leaf equal to its average (a frozen module's) keeps it bit-exactly:
+  d·e + (1 − d)·e can round off e by an ulp.
   """
   d = ema_decay_at(step, decay)
   return jax.tree.map(
-      lambda e, v: (d * e + (1.0 - d) * v).astype(e.dtype), ema, variables)
+      lambda e, v: jnp.where(v == e, e, (d * e + (1.0 - d) * v).astype(
+          e.dtype)), ema, variables)
 
 
 def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]
