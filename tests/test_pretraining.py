@@ -74,10 +74,15 @@ def test_bad_builtin_settings_are_config_errors():
   assert 'pretrain.num_steps' in str(error.value)
 
 
+@pytest.mark.parametrize('task, scores', [
+    ('segmentation', {'miou', 'pixel_acc', 'images'}),
+    ('classification', {'exact_match', 'mean_class_accuracy', 'mean_f1',
+                        'images'})])
 def test_builtin_backbone_is_built_once_and_loads_only_the_backbone(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, task, scores):
   monkeypatch.setenv('WSSS_JAX_DATA_DIR', str(tmp_path))
   config = supervised.get_config('tiny')
+  config.pretrain.task = task
   rt = make_runtime(config, builtin_weights=pretraining.builtin_weights)
   model = segmentation.build_segmenter(rt)
   variables, record = segmentation.initial_variables(
@@ -91,6 +96,8 @@ def test_builtin_backbone_is_built_once_and_loads_only_the_backbone(
   assert info['classes'] == ['diamond', 'trapezoid', 'tee', 'chevron',
                              'semicircle', 'capsule']
   assert info['sha256'] == record['sha256']
+  assert info['settings']['task'] == task and set(info['val']) == scores
+  assert info['val']['images'] == config.pretrain.num_val
   saved = weights_lib.read_weights(path)
   assert saved and all(k.split('/')[1] == 'backbone' for k in saved)
   flat = weights_lib.flatten_variables(variables)
@@ -108,3 +115,22 @@ def test_builtin_backbone_is_built_once_and_loads_only_the_backbone(
   mtime = os.path.getmtime(path)
   _, again = segmentation.initial_variables(rt, model, jax.random.PRNGKey(2))
   assert again['path'] == path and os.path.getmtime(path) == mtime
+
+
+def test_runtime_without_the_hook_refuses_builtin_weights(tmp_path,
+                                                          monkeypatch):
+  monkeypatch.setenv('WSSS_JAX_DATA_DIR', str(tmp_path))
+  rt = make_runtime(supervised.get_config('tiny'))
+  model = segmentation.build_segmenter(rt)
+  with pytest.raises(ValueError, match='builtin_weights=pretraining'):
+    segmentation.initial_variables(rt, model, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize('variant', ['voc', 'voc_resnet', 'coco'])
+def test_paper_presets_keep_the_papers_init_and_last_weights(variant):
+  benchmark = supervised.get_config()
+  assert benchmark.model.init_weights == 'builtin:shapes_pretrain'
+  assert benchmark.train.ema_decay == 0.99
+  paper = supervised.get_config(variant)
+  assert paper.model.init_weights == ''
+  assert paper.train.ema_decay == 0.0

@@ -97,8 +97,9 @@ def input_pipeline(crop_size: int = 112, batch_size: int = 16) -> ConfigDict:
 # Models
 # ----------------------------------------------------------------------------
 def tiny_model() -> ConfigDict:
-  """LargeFOV topology at 1/8 width with BatchNorm: trains from scratch in
-  minutes on a laptop CPU (the embedded benchmark's default backbone).
+  """LargeFOV topology at 1/8 width with BatchNorm: trains in minutes on a
+  laptop CPU (the embedded benchmark's default backbone; `base_config`
+  starts it from the built-in pretrained weights).
 
   fc6's dilation is scaled with the feature map: 12 suits the 41x41 maps of
   321-px crops; the benchmark's 12x12-16x16 maps use 4 (a dilation-12 3x3
