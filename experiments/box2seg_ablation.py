@@ -56,13 +56,16 @@ def main(argv):
                  'train_images_per_second': training.get('images_per_second')})
     print(json.dumps(rows[-1]), flush=True)
   lines = ['| variant | paper (VOC val) | ' + ' | '.join(
-      f'seed {s}' for s in _SEEDS.value) + ' | mean |',
+      f'seed {s}' for s in _SEEDS.value) + ' | mean ± s.d. |',
            '| --- | --- | ' + ' | '.join('---' for _ in _SEEDS.value)
            + ' | --- |']
   for variant in _VARIANTS.value:
     values = [r['val_miou'] for r in rows if r['variant'] == variant]
+    spread = (f' ± {statistics.stdev(values):.1f}' if len(values) > 1
+              else '')
     lines.append(f'| {variant} | {PAPER.get(variant, "–")} | ' + ' | '.join(
-        f'{v:.1f}' for v in values) + f' | {statistics.mean(values):.1f} |')
+        f'{v:.1f}' for v in values) + f' | {statistics.mean(values):.1f}'
+                 f'{spread} |')
   first = rows[0]
   lines.append('')
   lines.append(f"Pseudo-masks on train: B (box fills) {first['box_miou']:.1f},"

@@ -12,6 +12,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import rounding_spread  # noqa: E402  pylint: disable=g-import-not-at-top
 import stability  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -20,6 +21,24 @@ def test_output_name():
       'stability_supervised')
   assert stability.output_name('configs/box2seg.py:grabcut,tiny', 'x') == (
       'stability_box2seg-grabcut-tiny_x')
+
+
+def test_rounding_spread_of_a_method_table_by_hand():
+  first = [dict(variant='box', seed=0, val_miou=50.0),
+           dict(variant='box', seed=1, val_miou=52.0),
+           dict(variant='full', seed=0, val_miou=60.0),
+           dict(variant='full', seed=1, val_miou=61.0)]
+  second = [dict(variant='box', seed=0, val_miou=51.5),
+            dict(variant='box', seed=1, val_miou=51.0),
+            dict(variant='full', seed=1, val_miou=63.5)]   # seed 0 not run
+  rows = rounding_spread.spread_rows(first, second)
+  assert [r['variant'] for r in rows] == ['box', 'full']
+  assert rows[0]['seeds'] == [0, 1] and rows[0]['spread'] == 1.5
+  assert rows[1]['seeds'] == [1] and rows[1]['spread'] == 2.5
+  table = rounding_spread.markdown(rows, 'val_miou')
+  # box: mean 51, s.d. sqrt(2); second order 51.25 ± 0.35.
+  assert '| box | 51.00 ± 1.41 | 51.25 ± 0.35 | 1.50 | 0, 1 |' in table
+  assert '| full | 60.50 ± 0.71 | 63.50 | 2.50 | 1 |' in table
 
 
 def test_max_drop_after_first_third_hand_computed():
