@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 
 from configs import supervised
-from wsss_jax import config_checks, pretraining, segmentation
+from wsss_jax import config_checks, losses, pretraining, segmentation
 from wsss_jax.models import weights as weights_lib
 from wsss_jax.runtime import make_runtime
 
 
-def test_present_classes_counts_pixels_per_crop():
+def test_classes_in_crop_counts_pixels_per_crop():
   mask = np.zeros((2, 4, 4), np.uint8)
   mask[0, :2, :2] = 1          # 4 pixels of class 1
   mask[0, 3, 3] = 2            # 1 pixel of class 2: a sliver
   mask[0, 2, :] = 255          # ignore never counts
   mask[1, :, :2] = 3           # 8 pixels of class 3
-  present = pretraining.present_classes(jnp.asarray(mask), 3, min_pixels=2)
+  present = pretraining.classes_in_crop(jnp.asarray(mask), 3, min_pixels=2)
   np.testing.assert_array_equal(present, [[1, 0, 0], [0, 0, 1]])
-  one = pretraining.present_classes(jnp.asarray(mask), 3, min_pixels=1)
+  one = pretraining.classes_in_crop(jnp.asarray(mask), 3, min_pixels=1)
   np.testing.assert_array_equal(one, [[1, 1, 0], [0, 0, 1]])
 
 
@@ -33,9 +33,9 @@ def test_multilabel_soft_margin_by_hand():
   targets = jnp.asarray([[1.0, 1.0], [0.0, 0.0]])
   expected = np.mean([np.log(2), np.log(4 / 3), np.log(4), np.log(2)])
   np.testing.assert_allclose(
-      pretraining.multilabel_soft_margin(scores, targets), expected,
+      losses.multilabel_soft_margin(scores, targets), expected,
       rtol=1e-6)
-  grads = jax.grad(pretraining.multilabel_soft_margin)(
+  grads = jax.grad(losses.multilabel_soft_margin)(
       jnp.asarray([[80.0, -80.0]]), jnp.asarray([[0.0, 1.0]]))
   assert np.all(np.isfinite(grads))
 

@@ -20,6 +20,23 @@ def safe_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(values * weights) / jnp.maximum(total, 1e-12)
 
 
+def multilabel_soft_margin(scores: jax.Array, targets: jax.Array) -> jax.Array:
+  """The multi-label classification loss of CAM classifiers (PyTorch's
+  MultiLabelSoftMarginLoss, which RRM's and PMM's classification branches
+  use): the mean over classes and the batch of
+  −[y log σ(s) + (1 − y) log σ(−s)].
+
+  Args:
+    scores: (B, K) float logits (e.g. globally average-pooled class maps).
+    targets: (B, K) 0/1.
+  Returns:
+    A float32 scalar, finite with finite gradients for any finite scores.
+  """
+  scores = scores.astype(jnp.float32)
+  return -jnp.mean(targets * jax.nn.log_sigmoid(scores)
+                   + (1 - targets) * jax.nn.log_sigmoid(-scores))
+
+
 def resize_labels_nearest(labels: jax.Array, height: int,
                           width: int) -> jax.Array:
   """Centre-sampling nearest resize of (B, H, W) integer labels.

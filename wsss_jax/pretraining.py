@@ -5,12 +5,14 @@ on the small benchmark trains unstably and slowly (experiments/RESULTS.md
 §11).  `model.init_weights = 'builtin:shapes_pretrain'` (the benchmark
 configs' default) starts a run from a backbone pretrained here instead:
 
-* the task is multi-label classification of the `shapes_pretrain` family
-  (six shapes with textures of their own, shared with no benchmark class;
-  docs/data.md), so no class of a target dataset is seen in pretraining;
-* the classifier is a bias-free 1x1 convolution whose logit maps are averaged
-  over the image (global average pooling, the CAM form), trained with the
-  multi-label soft-margin loss on the classes present in each crop;
+* the data is the `shapes_pretrain` family (six shapes with textures of
+  their own, shared with no benchmark class; docs/data.md), so no class of a
+  target dataset is seen in pretraining;
+* the task (`pretrain.task`) is 'segmentation' (cross-entropy on the
+  family's masks; the default, RESULTS.md §11) or 'classification' (a
+  bias-free 1x1 classifier whose maps are averaged over the image, the CAM
+  form, trained with the multi-label soft margin on the classes each crop
+  shows);
 * the result, `backbone.npz` (the backbone's variables only), is generated
   on first use under `<data dir>/pretrained/<name>-<hash>/` and reused by
   every later run; the hash covers the pretraining settings
@@ -38,13 +40,13 @@ import ml_collections
 import numpy as np
 
 from wsss_jax import defaults
+from wsss_jax import losses
 from wsss_jax import segmentation
 from wsss_jax.atomic import json_safe, write_json_atomic
 from wsss_jax.data import registry, schema
-from wsss_jax.evaluation import metrics
+from wsss_jax.evaluation import inference
 from wsss_jax.models import build as model_build
 from wsss_jax.models import weights as weights_lib
-from wsss_jax.ops import resize as resize_ops
 from wsss_jax.runtime import Runtime
 from wsss_jax.training import mesh as mesh_lib
 from wsss_jax.training import step as step_lib
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 BUILTIN_PREFIX = weights_lib.BUILTIN_PREFIX
 SHAPES_PRETRAIN = 'shapes_pretrain'
 BUILTIN_NAMES = (SHAPES_PRETRAIN,)
+TASKS = ('classification', 'segmentation')
 BACKBONE_FILE = 'backbone.npz'
 INFO_FILE = 'pretraining.json'
 # Model fields that fix the backbone's parameter shapes (fc6's dilation does
@@ -76,7 +79,7 @@ def builtin_name(init_weights: str) -> str:
 # ----------------------------------------------------------------------------
 # The classification objective
 # ----------------------------------------------------------------------------
-def present_classes(mask: jax.Array, num_classes: int,
+def classes_in_crop(mask: jax.Array, num_classes: int,
                     min_pixels: int) -> jax.Array:
   """Which foreground classes a crop shows: (B, H, W) labels -> (B, K) 0/1.
 
@@ -90,21 +93,6 @@ def present_classes(mask: jax.Array, num_classes: int,
   return (counts >= min_pixels).astype(jnp.float32)
 
 
-def multilabel_soft_margin(scores: jax.Array, targets: jax.Array) -> jax.Array:
-  """PyTorch's MultiLabelSoftMarginLoss: the mean over classes (and the
-  batch) of −[y log σ(s) + (1 − y) log σ(−s)].
-
-  Args:
-    scores: (B, K) float logits.
-    targets: (B, K) 0/1.
-  Returns:
-    A float32 scalar.
-  """
-  scores = scores.astype(jnp.float32)
-  return -jnp.mean(targets * jax.nn.log_sigmoid(scores)
-                   + (1 - targets) * jax.nn.log_sigmoid(-scores))
-
-
 def image_scores(logits: jax.Array) -> jax.Array:
   """(B, h, w, K) class maps -> (B, K) image scores by global average pooling."""
   return jnp.mean(logits.astype(jnp.float32), axis=(1, 2))
@@ -113,8 +101,9 @@ def image_scores(logits: jax.Array) -> jax.Array:
 def classification_loss(num_classes: int, min_pixels: int) -> step_lib.LossFn:
   """The pretraining loss: soft margin on GAP scores vs the crop's classes."""
   def loss_fn(outputs, batch, context):  # pylint: disable=unused-argument
-    targets = present_classes(batch[schema.MASK], num_classes, min_pixels)
-    loss = multilabel_soft_margin(image_scores(outputs['logits']), targets)
+    targets = classes_in_crop(batch[schema.MASK], num_classes, min_pixels)
+    loss = losses.multilabel_soft_margin(image_scores(outputs['logits']),
+                                         targets)
     return loss, {'soft_margin': loss}
   return loss_fn
 
@@ -205,9 +194,6 @@ def builtin_weights(rt: Runtime, init_weights: str) -> tuple[str, dict]:
   return path, info
 
 
-TASKS = ('classification', 'segmentation')
-
-
 def _pretrain(rt: Runtime, directory: str) -> None:
   config = pretraining_config(rt.config)
   prt = rt.with_data(config.data).with_config(config)
@@ -250,14 +236,20 @@ def validation_scores(rt: Runtime, model, variables: Any, task: str,
                       min_pixels: int) -> dict[str, float]:
   """Scores of the pretrained network on the full val images, in percent.
 
+  segmentation: 'miou' and 'pixel_acc' (the shared evaluator, single scale);
   classification (threshold σ(s) = 0.5): 'exact_match', 'mean_class_accuracy'
-  and 'mean_f1' over the classes; segmentation: 'miou' and 'pixel_acc'.
+  and 'mean_f1' over the classes.
   """
+  if task == 'segmentation':
+    scores = inference.Evaluator(
+        model, rt.dataset, rt.val_split, rt.config.eval, rt.normalization,
+        rt.mesh, rt.compute_dtype)(variables, progress=False)
+    return dict(miou=scores['miou'], pixel_acc=scores['pixel_acc'],
+                images=scores['num_images'])
   source = rt.dataset.source(rt.val_split)
   forward = step_lib.make_forward(model, rt.normalization, rt.compute_dtype)
   num_foreground = rt.num_classes - 1
   predicted, actual = [], []
-  confusion = np.zeros((rt.num_classes, rt.num_classes), np.int64)
   batch = 16
   for start in range(0, len(source), batch):
     examples = [source[i] for i in range(start, min(start + batch,
@@ -265,18 +257,9 @@ def validation_scores(rt: Runtime, model, variables: Any, task: str,
     images = np.stack([e[schema.IMAGE] for e in examples])
     masks = np.stack([e[schema.MASK] for e in examples])
     logits = forward(variables, images)['logits']
-    if task == 'segmentation':
-      logits = resize_ops.resize_bilinear(logits, masks.shape[1:3])
-      confusion += metrics.confusion_matrix(
-          masks, np.asarray(jnp.argmax(logits, -1)), rt.num_classes)
-      continue
     predicted.append(np.asarray(image_scores(logits)) > 0)
-    actual.append(np.asarray(present_classes(
+    actual.append(np.asarray(classes_in_crop(
         jnp.asarray(masks), num_foreground, min_pixels)) > 0)
-  if task == 'segmentation':
-    result = metrics.scores(confusion, rt.class_names)
-    return dict(miou=result['miou'], pixel_acc=result['pixel_acc'],
-                images=len(source))
   predicted, actual = np.concatenate(predicted), np.concatenate(actual)
   true_pos = np.sum(predicted & actual, axis=0)
   f1 = 2 * true_pos / np.maximum(predicted.sum(0) + actual.sum(0), 1)
