@@ -27,6 +27,9 @@ from absl import app, flags
 _FIRST = flags.DEFINE_string('first', None, 'Sweep JSON, first order.')
 _SECOND = flags.DEFINE_string('second', None, 'Sweep JSON, second order.')
 _KEY = flags.DEFINE_string('key', 'val_miou', 'Row field to compare.')
+_ROWS = flags.DEFINE_string(
+    'rows', 'rows', "The JSON list of rows: 'rows', or 'label_rows' "
+    "(bana_tables.py's Table 1 over seeds, with --key=miou).")
 
 
 def _mean_sd(values: Sequence[float]) -> str:
@@ -76,13 +79,15 @@ def markdown(rows: Sequence[dict[str, Any]], key: str) -> str:
 def main(argv):
   del argv
   with open(_FIRST.value) as f:
-    first = json.load(f)['rows']
+    first = json.load(f)[_ROWS.value]
   with open(_SECOND.value) as f:
-    second = json.load(f)['rows']
+    second = json.load(f)[_ROWS.value]
   table = markdown(spread_rows(first, second, _KEY.value), _KEY.value)
   print(table)
-  with open(os.path.join(os.path.dirname(_FIRST.value),
-                         'rounding_spread.md'), 'w') as f:
+  name = 'rounding_spread' + ('' if _ROWS.value == 'rows'
+                               else f'_{_ROWS.value}')
+  with open(os.path.join(os.path.dirname(_FIRST.value), f'{name}.md'),
+            'w') as f:
     f.write(table + '\n')
 
 

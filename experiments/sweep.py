@@ -17,7 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
-from wsss_jax import run
+from wsss_jax import (config_checks, methods, pretraining, run, runtime,
+                      stages)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +42,36 @@ def apply_override(config, override: str) -> None:
     node[leaf] = type(current)(value)
 
 
+def sweep_config(config_file: str, variant: str, seed: int,
+                 overrides: Sequence[str]):
+  """`<config_file>:<variant>` with `seed` and the overrides applied."""
+  config = run.load_config_file(os.path.join(REPO, config_file), variant)
+  config.seed = int(seed)
+  for override in overrides:
+    apply_override(config, override)
+  return config
+
+
+def run_first_stages(config, workdir: str, stage_names: Sequence[str]
+                     ) -> tuple[stages.MethodPipeline, dict[str, Any]]:
+  """Runs (or resumes) only the named stages of the config's pipeline in
+  `workdir` (e.g. BANA's Labelers for Table 1 over seeds) and returns the
+  pipeline and {stage name: stage results}.  The stages must not need any
+  stage left out."""
+  config_checks.validate(config)
+  rt = runtime.make_runtime(config,
+                            builtin_weights=pretraining.builtin_weights)
+  config_checks.check_workdir_config(config, workdir)
+  pipeline = methods.build_pipeline(config.method, rt)
+  unknown = set(stage_names) - {stage.name for stage in pipeline.stages}
+  if unknown:
+    raise ValueError(f'{config.method} has no stage(s) {sorted(unknown)}.')
+  records = stages.run_stages(
+      [stage for stage in pipeline.stages if stage.name in stage_names],
+      stages.StageContext(workdir=workdir))
+  return pipeline, {r['name']: r['results'] for r in records}
+
+
 def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
               overrides: Sequence[str], root: str,
               shared_stages: Sequence[str] = ()
@@ -50,10 +81,7 @@ def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
   donor = None
   for seed in seeds:
     for variant in variants:
-      config = run.load_config_file(os.path.join(REPO, config_file), variant)
-      config.seed = int(seed)
-      for override in overrides:
-        apply_override(config, override)
+      config = sweep_config(config_file, variant, seed, overrides)
       workdir = os.path.join(root, f'{variant}-seed{seed}')
       if donor is not None:
         for stage in shared_stages:
