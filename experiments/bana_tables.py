@@ -34,21 +34,27 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_VARIANTS = flags.DEFINE_list(
-    'variants', ['nal', 'ce_only', 'entropy_reg', 'bootstrap', 'crf_only',
-                 'ret_only'], 'Stage-3 rows to run (the first computes the '
-    'shared stages 1-2).')
-_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Training seeds of stage 3.')
-_OVERRIDES = flags.DEFINE_multi_string(
-    'override', [], 'field=value config overrides applied to every run.')
-_LABEL_SEEDS = flags.DEFINE_list(
-    'label_seeds', [], 'More seeds of stages 1-2 for Table 1 over seeds: '
-    'each runs only the BAP and GAP Labelers, in <root>/labels-seed<s> (the '
-    "first sweep run's seed is always included; Table 3's rows keep training "
-    'on its labels).')
-_TAG = flags.DEFINE_string('tag', '', 'Suffix of the output folder.')
-_OUT = flags.DEFINE_string('out', 'experiments/out', 'Output root.')
 
+def _define_flags() -> None:
+  """Defined only when run as a script, so that tests can import the table
+  functions next to other experiment scripts' flags."""
+  flags.DEFINE_list(
+      'variants', ['nal', 'ce_only', 'entropy_reg', 'bootstrap', 'crf_only',
+                   'ret_only'], 'Stage-3 rows to run (the first computes the '
+      'shared stages 1-2).')
+  flags.DEFINE_list('seeds', ['0'], 'Training seeds of stage 3.')
+  flags.DEFINE_multi_string(
+      'override', [], 'field=value config overrides applied to every run.')
+  flags.DEFINE_list(
+      'label_seeds', [], 'More seeds of stages 1-2 for Table 1 over seeds: '
+      'each runs only the BAP and GAP Labelers, in <root>/labels-seed<s> (the '
+      "first sweep run's seed is always included; Table 3's rows keep training "
+      'on its labels).')
+  flags.DEFINE_string('tag', '', 'Suffix of the output folder.')
+  flags.DEFINE_string('out', 'experiments/out', 'Output root.')
+
+
+FLAGS = flags.FLAGS
 SHARED_STAGES = ('classifier', 'labels', 'gap_classifier', 'gap_labels')
 # Paper numbers (VOC): Table 1 train mIoU; Table 3 val before / after CRF;
 # Table 4 val.
@@ -170,12 +176,12 @@ def tables(rows: list[dict], pseudo_by_seed: dict[int, dict]
 
 def main(argv):
   del argv
-  root = os.path.join(_OUT.value, 'bana' + (f'-{_TAG.value}'
-                                            if _TAG.value else ''))
+  root = os.path.join(FLAGS.out, 'bana' + (f'-{FLAGS.tag}'
+                                            if FLAGS.tag else ''))
   rows, pseudo_by_seed = [], {}
   for variant, seed, results in sweep.run_sweep(
-      'configs/bana.py', _VARIANTS.value, [int(s) for s in _SEEDS.value],
-      _OVERRIDES.value, root, SHARED_STAGES):
+      'configs/bana.py', FLAGS.variants, [int(s) for s in FLAGS.seeds],
+      FLAGS.override, root, SHARED_STAGES):
     if not pseudo_by_seed:
       pseudo_by_seed[seed] = results['bana']['pseudo_labels']
     rows.append({'variant': variant, 'seed': seed,
@@ -185,11 +191,11 @@ def main(argv):
                  'per_class_iou': results['val']['per_class_iou'],
                  'wall_s': results['wall_s']})
     print(json.dumps(rows[-1]), flush=True)
-  for seed in map(int, _LABEL_SEEDS.value):
+  for seed in map(int, FLAGS.label_seeds):
     if seed in pseudo_by_seed:
       continue
-    config = sweep.sweep_config('configs/bana.py', _VARIANTS.value[0], seed,
-                                _OVERRIDES.value)
+    config = sweep.sweep_config('configs/bana.py', FLAGS.variants[0], seed,
+                                FLAGS.override)
     pipeline, by_stage = sweep.run_first_stages(
         config, os.path.join(root, f'labels-seed{seed}'), SHARED_STAGES)
     pseudo_by_seed[seed] = pipeline.extra_results(by_stage)['pseudo_labels']
@@ -204,8 +210,9 @@ def main(argv):
                        'pseudo_labels_by_seed': {
                            str(s): p for s, p in pseudo_by_seed.items()},
                        'label_rows': label_rows(pseudo_by_seed),
-                       'checks': checks, 'overrides': _OVERRIDES.value})
+                       'checks': checks, 'overrides': FLAGS.override})
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

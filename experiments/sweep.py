@@ -15,31 +15,10 @@ import os
 import shutil
 from typing import Any, Iterator, Sequence
 
-import ml_collections
-
-from wsss_jax import (config_checks, methods, pretraining, run, runtime,
-                      stages)
+from wsss_jax import (config_checks, config_io, methods, pretraining, run,
+                      runtime, stages)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def apply_override(config, override: str) -> None:
-  """Applies one 'a.b.c=value' override, parsed by the field's current type
-  (bools from True/False, tuples and sections from JSON)."""
-  path, value = override.split('=', 1)
-  *parents, leaf = path.split('.')
-  node = config
-  for name in parents:
-    node = node[name]
-  current = node[leaf]
-  if isinstance(current, bool):   # bool('False') would be True
-    if value not in ('True', 'False', 'true', 'false'):
-      raise ValueError(f'--override {override}: expected True or False.')
-    node[leaf] = value.lower() == 'true'
-  elif isinstance(current, (tuple, list, ml_collections.ConfigDict)):
-    node[leaf] = json.loads(value)
-  else:
-    node[leaf] = type(current)(value)
 
 
 def sweep_config(config_file: str, variant: str, seed: int,
@@ -48,7 +27,7 @@ def sweep_config(config_file: str, variant: str, seed: int,
   config = run.load_config_file(os.path.join(REPO, config_file), variant)
   config.seed = int(seed)
   for override in overrides:
-    apply_override(config, override)
+    config_io.apply_override(config, override)
   return config
 
 

@@ -25,7 +25,7 @@ from wsss_jax import segmentation
 from wsss_jax.host import grabcut
 from wsss_jax.reporting import figures
 from wsss_jax.runtime import Runtime
-from wsss_jax.stages import Stage, StageContext
+from wsss_jax.stages import Network, Stage, StageContext
 from wsss_jax.training import mesh as mesh_lib
 
 LABELS = 'labels'            # the label folder inside a label stage's folder
@@ -100,7 +100,8 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
                    if init_stage else None),
         validate=validate)
   return Stage(name, run, outputs=(segmentation.MODEL_FILE,),
-               description=description)
+               description=description,
+               network=Network(name, rt, model))
 
 
 def model_label_stage(
@@ -140,4 +141,5 @@ def evaluate_stage(rt: Runtime, model_stage: str, *, model=None,
       if table:
         scores[figures.FIGURES_KEY] = table
     return scores
-  return Stage(name, run, description=description)
+  return Stage(name, run, description=description,
+               network=Network(model_stage, rt, model))

@@ -14,7 +14,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from wsss_jax import run
-from wsss_jax.training import mesh
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/box_baseline.py[:variant].',
@@ -25,11 +24,7 @@ flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  run.configure_logging()
-  run.enable_compilation_cache()
-  mesh.maybe_initialize_distributed()
+  run.start_command(argv)
   config = _CONFIG.value
   workdir = _WORKDIR.value or run.default_workdir(config)
   run.train_and_evaluate(config, workdir)

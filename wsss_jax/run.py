@@ -52,6 +52,17 @@ def enable_compilation_cache() -> str:
   return folder
 
 
+def start_command(argv: list[str]) -> None:
+  """What every command line does first: refuse stray arguments, turn on
+  logging and the compilation cache, join a multi-host job if there is one."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  configure_logging()
+  enable_compilation_cache()
+  mesh_lib.maybe_initialize_distributed()
+
+
 def load_config_file(path: str, variant: str = ''):
   """`get_config(variant)` of the config file at `path` (what
   `--config=path:variant` does, for scripts and tests)."""

@@ -49,6 +49,17 @@ class StageContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class Network:
+  """A trained network a stage writes or scores, for loading it later
+  (`wsss_jax.prediction`): the weights `<workdir>/<stage>/model.npz` of
+  `model` (None: `segmentation.build_segmenter(runtime)`), built for
+  `runtime` (whose config may differ from the run's: BANA's Labeler)."""
+  stage: str
+  runtime: Any
+  model: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
   """A named step of a pipeline.
 
@@ -58,11 +69,14 @@ class Stage:
     outputs: paths relative to the stage folder that must exist for the
       stage to count as complete.
     description: one line for logs and reports.
+    network: the network the stage trains (or, for an evaluation, scores);
+      None when it has none.
   """
   name: str
   run: Callable[[StageContext, str], dict[str, Any]]
   outputs: tuple[str, ...] = ()
   description: str = ''
+  network: Network | None = None
 
 
 MARKER = 'stage.json'

@@ -177,6 +177,28 @@ class Dataset:
     return {'image_ids': ids, 'heights': heights, 'widths': widths}
 
 
+class KnownClasses:
+  """A dataset known only by its name and classes: what a finished run's
+  network needs to label images outside any split (`wsss_jax.predict`), on
+  a machine that may not hold the data.  Anything that would read the data
+  fails with an explanation."""
+
+  def __init__(self, name: str, class_names: tuple[str, ...]):
+    self.name = name
+    self.class_names = tuple(class_names)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def _no_data(self, *args, **kwargs):
+    raise DatasetError(f'Dataset {self.name!r} is known here by its classes '
+                       'only (prediction); its splits cannot be read.')
+
+  source = index = _no_data
+  splits = skipped = property(_no_data)
+
+
 def open_dataset(data_config, prepare: bool = True) -> Dataset:
   """Opens (and, if allowed and needed, prepares) the dataset of `config.data`."""
   name = data_config.name
