@@ -35,6 +35,8 @@ def test_tiny_config_runs_end_to_end_and_resumes(name, tmp_path):
   assert [s['name'] for s in results['stages']][-1] == 'evaluate'
   assert all(s['status'] == 'done' for s in results['stages'])
   assert results['versions']['jax'] and results['devices']
+  assert {'git_commit', 'git_dirty', 'argv', 'time'} <= set(
+      results['provenance'])
   assert results['full_config']['train']['num_steps'] == 2
   if name == 'box_baseline':
     assert 40.0 < results['pseudo']['miou'] < 90.0   # box fills, not GT

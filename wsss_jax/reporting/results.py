@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import platform
 from typing import Any
 
 import jax
 
 from wsss_jax import config_checks
+from wsss_jax.reporting import provenance
 from wsss_jax.stages import MethodPipeline
 from wsss_jax.runtime import Runtime
 
-_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
-             'tensorflow-datasets', 'numpy', 'wsss_jax')
-
 _SCORE_FIELDS = ('miou', 'per_class_iou', 'pixel_acc', 'mean_acc', 'fw_iou',
                  'num_images')
-
-
-def versions() -> dict[str, str]:
-  found = {'python': platform.python_version()}
-  for name in _PACKAGES:
-    try:
-      found[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      found[name] = 'not installed'
-  return found
 
 
 def _scores(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -87,7 +73,8 @@ def assemble(rt: Runtime, pipeline: MethodPipeline,
       'training': {name: {k: v for k, v in by_name.get(name, {}).items()
                           if k != 'history'}
                    for name in pipeline.train_stages},
-      'versions': versions(),
+      'provenance': provenance.provenance(),
+      'versions': provenance.versions(),
       'devices': [str(d) for d in jax.devices()],
       'process_count': jax.process_count(),
       'full_config': config_checks.config_as_dict(config),
