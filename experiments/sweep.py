@@ -4,7 +4,7 @@ seeds, label stages computed once.
 Every run gets its own workdir `<root>/<variant>-seed<seed>`; stages listed
 as shared (pseudo-label stages that do not depend on the variant or seed) are
 copied from the first run's workdir into the others, where their stage
-markers make them count as complete.  Finished runs are skipped on rerun
+markers (stripped of the donor's config) make them count as complete.  Finished runs are skipped on rerun
 (the pipeline's own resume), so an interrupted sweep continues.
 """
 
@@ -40,15 +40,31 @@ def run_first_stages(config, workdir: str, stage_names: Sequence[str]
   config_checks.validate(config)
   rt = runtime.make_runtime(config,
                             builtin_weights=pretraining.builtin_weights)
-  config_checks.check_workdir_config(config, workdir)
   pipeline = methods.build_pipeline(config.method, rt)
   unknown = set(stage_names) - {stage.name for stage in pipeline.stages}
   if unknown:
     raise ValueError(f'{config.method} has no stage(s) {sorted(unknown)}.')
+  fields, previous = config_checks.update_workdir_config(config, workdir)
   records = stages.run_stages(
       [stage for stage in pipeline.stages if stage.name in stage_names],
-      stages.StageContext(workdir=workdir))
+      stages.StageContext(workdir=workdir), fields, previous)
   return pipeline, {r['name']: r['results'] for r in records}
+
+
+def _forget_config(stage_dir: str) -> None:
+  """A stage copied from another variant's run holds that variant's config
+  in its marker; without it the marker is trusted (the stage is shared
+  because it reads no field the variants change)."""
+  path = os.path.join(stage_dir, stages.MARKER)
+  if os.path.exists(path):
+    with open(path) as f:
+      marker = json.load(f)
+    marker.pop('config', None)
+    with open(path, 'w') as f:
+      json.dump(marker, f)
+  started = os.path.join(stage_dir, stages.STARTED)
+  if os.path.exists(started):
+    os.remove(started)
 
 
 def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
@@ -68,6 +84,7 @@ def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
                             os.path.join(workdir, stage))
           if os.path.isdir(source) and not os.path.exists(target):
             shutil.copytree(source, target)
+            _forget_config(target)
       results = run.train_and_evaluate(config, workdir)
       donor = donor or workdir
       yield variant, int(seed), results

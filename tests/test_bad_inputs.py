@@ -84,18 +84,33 @@ def test_all_invalid_fields_are_listed_at_once():
   assert 'optim.weight_decay' in str(error.value)
 
 
-def test_workdir_of_an_older_config_resumes_only_with_neutral_new_fields(
+def test_workdir_of_an_older_config_compares_equal_with_neutral_new_fields(
     tmp_path):
-  """A config.json written before train.ema_decay existed resumes when the
-  new config keeps EMA off, and is refused when it turns EMA on."""
+  """A config.json written before train.ema_decay existed compares equal to
+  a config that keeps EMA off, and differs in that field when it is on."""
   config = defaults.base_config('supervised', method='supervised')
   config.train.ema_decay, config.optim.warmup_steps = 0.0, 0
-  config_checks.check_workdir_config(config, str(tmp_path))
+  fields, previous = config_checks.update_workdir_config(config,
+                                                         str(tmp_path))
+  assert previous is None
   path = tmp_path / 'config.json'
   saved = json.loads(path.read_text())
   del saved['train']['ema_decay'], saved['optim']['warmup_steps']
   path.write_text(json.dumps(saved))
-  config_checks.check_workdir_config(config, str(tmp_path))    # resumes
+  again, previous = config_checks.update_workdir_config(config,
+                                                        str(tmp_path))
+  assert again == previous == fields
+  path.write_text(json.dumps(saved))
   config.train.ema_decay = 0.99
-  with pytest.raises(config_checks.ConfigError, match='train.ema_decay'):
-    config_checks.check_workdir_config(config, str(tmp_path))
+  changed, previous = config_checks.update_workdir_config(config,
+                                                          str(tmp_path))
+  assert {k for k in set(changed) | set(previous)
+          if changed.get(k) != previous.get(k)} == {'train.ema_decay'}
+  assert json.loads(path.read_text())['train']['ema_decay'] == 0.99
+
+
+def test_resume_safe_fields_never_count_as_changes():
+  config = defaults.base_config('supervised', method='supervised')
+  fields = config_checks.comparable_fields(
+      config_checks.config_as_dict(config))
+  assert 'eval.crf_workers' not in fields and 'eval.crf' in fields

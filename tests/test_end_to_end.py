@@ -62,12 +62,24 @@ def test_tiny_config_runs_end_to_end_and_resumes(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_changed_config_in_same_workdir_is_refused(tmp_path):
+def test_changed_config_reruns_only_the_stages_that_read_it(tmp_path):
   config = load_config('supervised')
   run.train_and_evaluate(config, str(tmp_path))
-  config.optim.lr = 0.5
-  with pytest.raises(ValueError, match='optim.lr'):
-    run.train_and_evaluate(config, str(tmp_path))
+  config.eval.crf = True          # an evaluation setting: evaluate only
+  again = run.train_and_evaluate(config, str(tmp_path))
+  assert [(s['name'], s['status']) for s in again['stages']] == [
+      ('train', 'skipped'), ('evaluate', 'done')]
+  assert again['val']['protocol']['crf'] is True
+  config.train.num_steps = 3      # one more step, from the last checkpoint
+  longer = run.train_and_evaluate(config, str(tmp_path))
+  assert [s['status'] for s in longer['stages']] == ['done', 'done']
+  assert longer['training']['train']['resumed_from_step'] == 2
+  assert longer['training']['train']['steps'] == 3
+  assert not list(tmp_path.glob('train.replaced-*'))
+  config.optim.lr = 0.5           # anything else: the stage starts over
+  restarted = run.train_and_evaluate(config, str(tmp_path))
+  assert restarted['training']['train']['resumed_from_step'] is None
+  assert len(list(tmp_path.glob('train.replaced-*'))) == 1
 
 
 def _main(*args, cwd=REPO, timeout=300):

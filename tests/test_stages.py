@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from wsss_jax import stages
@@ -101,3 +102,125 @@ def test_rounds_name_prefix_and_resume_each_round_on_its_own(tmp_path):
   assert calls == ['round2/labels']
   with pytest.raises(ValueError, match='start at 1'):
     stages.round_name(0, 'train')
+
+
+# ---------------------------------------------------------------------------
+# A changed config redoes exactly the stages that read a changed field
+# ---------------------------------------------------------------------------
+def _trainer(name, calls, weights_from=None):
+  """A 'training' stage: writes model.npz of `weights_from(fields)`."""
+  def run(context, stage_dir):
+    calls.append(name)
+    resumed = os.path.exists(os.path.join(stage_dir, 'checkpoint.txt'))
+    with open(os.path.join(stage_dir, 'checkpoint.txt'), 'w') as f:
+      f.write('state')
+    np.savez(os.path.join(stage_dir, 'model.npz'),
+             w=np.asarray(weights_from() if weights_from else 1.0))
+    return {'resumed': resumed}
+  return stages.Stage(name, run, outputs=('model.npz',),
+                      network=stages.Network(name, None),
+                      ignores=('eval',), extends=('train.num_steps',))
+
+
+def _pipeline(calls, weight):
+  return [_trainer('train', calls, lambda: weight[0]),
+          _stage('evaluate', calls)]
+
+
+def _run(tmp_path, pipeline, fields, previous=None):
+  return stages.run_stages(pipeline, stages.StageContext(str(tmp_path)),
+                           fields, previous)
+
+
+FIELDS = {'train.num_steps': 10, 'optim.lr': 0.1, 'eval.crf': False}
+
+
+def test_an_evaluation_setting_reruns_only_the_evaluation(tmp_path, caplog):
+  calls, weight = [], [1.0]
+  _run(tmp_path, _pipeline(calls, weight), FIELDS)
+  calls.clear()
+  with caplog.at_level('INFO'):
+    records = _run(tmp_path, _pipeline(calls, weight),
+                   dict(FIELDS, **{'eval.crf': True}))
+  assert [r['status'] for r in records] == ['skipped', 'done']
+  assert calls == ['evaluate']
+  assert "eval.crf: False -> True" in caplog.text
+  marker = json.loads((tmp_path / 'evaluate' / stages.MARKER).read_text())
+  assert marker['config']['eval.crf'] is True
+  assert 'eval.crf' not in json.loads(
+      (tmp_path / 'train' / stages.MARKER).read_text())['config']
+
+
+def test_more_steps_continue_training_and_rerun_what_follows(tmp_path):
+  calls, weight = [], [1.0]
+  _run(tmp_path, _pipeline(calls, weight), FIELDS)
+  calls.clear()
+  weight[0] = 2.0            # the continued training ends elsewhere
+  records = _run(tmp_path, _pipeline(calls, weight),
+                 dict(FIELDS, **{'train.num_steps': 20}))
+  assert calls == ['train', 'evaluate']
+  assert records[0]['results']['resumed'] is True   # its state was kept
+  assert not list(tmp_path.glob('train.replaced-*'))
+
+
+def test_other_training_changes_restart_and_keep_the_old_training(tmp_path):
+  calls, weight = [], [1.0]
+  _run(tmp_path, _pipeline(calls, weight), FIELDS)
+  calls.clear()
+  weight[0] = 3.0
+  records = _run(tmp_path, _pipeline(calls, weight),
+                 dict(FIELDS, **{'optim.lr': 0.2}))
+  assert calls == ['train', 'evaluate']
+  assert records[0]['results']['resumed'] is False   # started over
+  kept = list(tmp_path.glob('train.replaced-*'))
+  assert len(kept) == 1 and (kept[0] / 'model.npz').exists()
+  calls.clear()               # fewer steps is not a continuation either
+  records = _run(tmp_path, _pipeline(calls, weight),
+                 dict(FIELDS, **{'optim.lr': 0.2, 'train.num_steps': 5}))
+  assert records[0]['results']['resumed'] is False
+
+
+def test_a_redone_stage_with_identical_output_reruns_nothing_after_it(
+    tmp_path):
+  calls = []
+  labels = _stage('labels', calls)      # reads no optimiser field itself
+  labels = stages.Stage('labels', labels.run, ignores=('optim',))
+  pipeline = [_trainer('train', calls), labels]
+  _run(tmp_path, pipeline, FIELDS)
+  calls.clear()
+  records = _run(tmp_path, pipeline,                    # same weights
+                 dict(FIELDS, **{'optim.lr': 0.2}))
+  assert calls == ['train']
+  assert [r['status'] for r in records] == ['done', 'skipped']
+
+
+def test_interrupted_stage_with_another_config_starts_over(tmp_path):
+  calls, weight = [], [1.0]
+  pipeline = _pipeline(calls, weight)
+  (tmp_path / 'train').mkdir()
+  (tmp_path / 'train' / 'checkpoint.txt').write_text('old state')
+  (tmp_path / 'train' / stages.STARTED).write_text(json.dumps(
+      {'config': dict(FIELDS, **{'optim.lr': 0.5})}))
+  records = _run(tmp_path, pipeline, FIELDS)
+  assert records[0]['results']['resumed'] is False
+  # With the same config it would have resumed.
+  (tmp_path / 'train' / stages.MARKER).unlink()
+  records = _run(tmp_path, pipeline, FIELDS)
+  assert records[0]['results']['resumed'] is True
+
+
+def test_markers_without_a_recorded_config(tmp_path):
+  """Older workdirs compare the config.json they had; stages copied into a
+  new workdir (no previous config) are trusted."""
+  calls, weight = [], [1.0]
+  _run(tmp_path, _pipeline(calls, weight), None)     # records no config
+  calls.clear()
+  assert [r['status'] for r in _run(tmp_path, _pipeline(calls, weight),
+                                    FIELDS)] == ['skipped', 'skipped']
+  for name in ('train', 'evaluate'):
+    marker = json.loads((tmp_path / name / stages.MARKER).read_text())
+    marker.pop('config', None)
+    (tmp_path / name / stages.MARKER).write_text(json.dumps(marker))
+  records = _run(tmp_path, _pipeline(calls, weight),
+                 dict(FIELDS, **{'eval.crf': True}), previous=FIELDS)
+  assert [r['status'] for r in records] == ['skipped', 'done']

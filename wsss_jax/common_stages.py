@@ -32,6 +32,20 @@ LABELS = 'labels'            # the label folder inside a label stage's folder
 SEMI_KEY = 'semi_mask'       # batch key of the semi-supervised ground truth
 
 
+# Config fields no stage reads except evaluations: a change reruns only them.
+EVALUATION_FIELDS = ('eval', 'report')
+# What label stages ignore besides: the optimiser and training loop (a
+# label stage sees a network only through an earlier stage's weights, whose
+# change reruns it anyway).
+TRAINING_FIELDS = ('train', 'optim')
+# What changes the validation curve or the checkpoints kept, not the
+# weights a training stage ends with.
+MONITORING_FIELDS = ('train.eval_every', 'train.eval_max_images',
+                     'train.checkpoint_every', 'train.keep_checkpoints')
+LABEL_STAGE_IGNORES = EVALUATION_FIELDS + TRAINING_FIELDS
+TRAIN_STAGE_IGNORES = EVALUATION_FIELDS + MONITORING_FIELDS
+
+
 def label_path(stage: str) -> str:
   """The label folder of label stage `stage`, relative to the workdir."""
   return os.path.join(stage, LABELS)
@@ -51,7 +65,8 @@ def label_folder_stage(rt: Runtime, name: str,
   def run(context, stage_dir):  # pylint: disable=unused-argument
     return segmentation.make_label_folder(
         rt, os.path.join(stage_dir, LABELS), label_fn, workers=workers)
-  return Stage(name, run, outputs=(LABELS,), description=description)
+  return Stage(name, run, outputs=(LABELS,), description=description,
+               ignores=LABEL_STAGE_IGNORES)
 
 
 def box_fill_stage(rt: Runtime, name: str = 'box_labels',
@@ -70,7 +85,7 @@ def partial_labels_stage(rt: Runtime, fraction: float, *, workers: int = 0,
   def run(context, stage_dir):  # pylint: disable=unused-argument
     return segmentation.make_partial_label_folder(
         rt, os.path.join(stage_dir, LABELS), fraction, workers=workers)
-  return Stage(name, run, outputs=(LABELS,),
+  return Stage(name, run, outputs=(LABELS,), ignores=LABEL_STAGE_IGNORES,
                description='ground truth for the labelled share')
 
 
@@ -99,9 +114,12 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
         init_from=(os.path.join(context.workdir, model_path(init_stage))
                    if init_stage else None),
         validate=validate)
+  # A raised train.num_steps continues from the last checkpoint; the poly
+  # schedule is then that of the new length from the step it resumes at.
   return Stage(name, run, outputs=(segmentation.MODEL_FILE,),
                description=description,
-               network=Network(name, rt, model))
+               network=Network(name, rt, model), ignores=TRAIN_STAGE_IGNORES,
+               extends=('train.num_steps',) if num_steps is None else ())
 
 
 def model_label_stage(
@@ -115,7 +133,8 @@ def model_label_stage(
     _, variables = segmentation.load_trained(
         rt, os.path.join(context.workdir, model_path(model_stage)), model)
     return make_labels(context, stage_dir, variables)
-  return Stage(name, run, outputs=outputs, description=description)
+  return Stage(name, run, outputs=outputs, description=description,
+               ignores=LABEL_STAGE_IGNORES)
 
 
 FiguresFn = Callable[[StageContext, str, Any, Any], dict[str, Any] | None]

@@ -10,7 +10,7 @@ from wsss_jax import pretraining
 from wsss_jax.atomic import write_json_atomic
 
 # Fields that may change between a run and its resumption without changing
-# what is computed: host CRF/GrabCut workers, evaluation decoding processes,
+# what any stage computes (so no stage reruns for them): host CRF/GrabCut workers, evaluation decoding processes,
 # the in-memory record cache, device count (the state is
 # replicated), logging cadence, and where the raw or prepared data lives.
 # Not `input.worker_count`: grain's iterator state depends on it.
@@ -150,32 +150,38 @@ def config_as_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def check_workdir_config(config, workdir: str) -> None:
-  """Refuses to resume a workdir that was started with another config.
+def comparable_fields(tree: dict[str, Any]) -> dict[str, Any]:
+  """The flattened config ('a.b': value) that decides whether a stage's
+  outputs are current: without RESUME_SAFE_FIELDS, and without fields of
+  NEUTRAL_WHEN_ABSENT at their neutral value (so configs written before
+  those fields existed compare equal)."""
+  fields = _flatten(tree)
+  return {key: value for key, value in fields.items()
+          if key not in RESUME_SAFE_FIELDS
+          and not (key in NEUTRAL_WHEN_ABSENT
+                   and value == NEUTRAL_WHEN_ABSENT[key])}
 
-  The first run writes `<workdir>/config.json`; a rerun compares against it
-  (fields in RESUME_SAFE_FIELDS may differ; a field of NEUTRAL_WHEN_ABSENT
-  the first run's config lacks counts as its neutral value).
+
+def update_workdir_config(config, workdir: str
+                          ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """Writes the config to `<workdir>/config.json`; returns (its comparable
+  fields, those of the config.json it replaced, or None for a new run).
+
+  A workdir is not locked to its first config: `stages.run_stages` redoes
+  exactly the stages whose fields changed (evaluation settings rerun only
+  the evaluation; a raised `train.num_steps` continues training).
   """
   path = os.path.join(workdir, 'config.json')
+  previous = None
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        previous = comparable_fields(json.load(f))
+    except (OSError, json.JSONDecodeError) as error:
+      raise ConfigError(f'{path} is unreadable ({error}); delete it to let '
+                        'the stage markers decide, or use another '
+                        '--workdir.') from error
   current = config_as_dict(config)
-  if not os.path.exists(path):
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(path, current)
-    return
-  with open(path) as f:
-    previous = json.load(f)
-  old, new = _flatten(previous), _flatten(current)
-  for key, neutral in NEUTRAL_WHEN_ABSENT.items():
-    if key not in old and new.get(key) == neutral:
-      old[key] = neutral
-  changed = sorted(
-      key for key in set(old) | set(new)
-      if old.get(key) != new.get(key) and key not in RESUME_SAFE_FIELDS)
-  if changed:
-    details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
-                        for k in changed[:8])
-    raise ConfigError(
-        f'{workdir} holds a run started with a different configuration '
-        f'({len(changed)} field(s) differ: {details}). Use another --workdir, '
-        'or delete this one to start over.')
+  os.makedirs(workdir, exist_ok=True)
+  write_json_atomic(path, current)
+  return comparable_fields(current), previous

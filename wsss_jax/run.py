@@ -79,22 +79,40 @@ def default_workdir(config) -> str:
   return os.path.join('runs', name)
 
 
+def _own_fields(config):
+  """`stage -> comparable fields` of the config a stage's network was built
+  with, when that is not the run's (BANA's Labeler: its own steps and
+  optimiser); None otherwise."""
+  def own(stage):
+    network = stage.network
+    if network is None or network.runtime is None or (
+        network.runtime.config is config):
+      return None
+    return config_checks.comparable_fields(
+        config_checks.config_as_dict(network.runtime.config))
+  return own
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every stage of `config.method`; writes the results.
 
   Writes `<workdir>/results.json` and `<workdir>/report.md` and returns the
-  results dict.  Rerunning with the same config and workdir resumes.
+  results dict.  Rerunning with the same config and workdir resumes; with a
+  changed config it redoes only the stages that read a changed field (and
+  those after them), saying which and why (`stages.plan_stage`).
   """
   start = time.time()
   config_checks.validate(config)
   rt = runtime.make_runtime(                # fails early on missing data
       config, builtin_weights=pretraining.builtin_weights)
-  config_checks.check_workdir_config(config, workdir)
+  fields, previous_fields = config_checks.update_workdir_config(config,
+                                                                workdir)
   log.info('Run %s (%s) on %s, %d device(s), workdir %s', config.name,
                config.method, rt.dataset.name, rt.mesh.devices.size, workdir)
   pipeline = methods.build_pipeline(config.method, rt)
   context = stages.StageContext(workdir=workdir)
-  records = stages.run_stages(pipeline.stages, context)
+  records = stages.run_stages(pipeline.stages, context, fields,
+                              previous_fields, own_fields=_own_fields(config))
   session_s = time.time() - start
   # Time to produce the results: each stage's wall time when it ran (so a
   # rerun that skips every stage still reports the real cost) plus this

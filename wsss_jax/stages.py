@@ -21,13 +21,16 @@ its own, with their folders under `<workdir>/round<k>/`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from wsss_jax.atomic import write_json_atomic
 
@@ -71,15 +74,23 @@ class Stage:
     description: one line for logs and reports.
     network: the network the stage trains (or, for an evaluation, scores);
       None when it has none.
+    ignores: config field prefixes ('eval', 'train.log_every') that cannot
+      change the stage's outputs: a change there does not rerun it.
+    extends: fields whose increase continues a finished stage from its own
+      state (a training stage's 'train.num_steps') instead of redoing it.
   """
   name: str
   run: Callable[[StageContext, str], dict[str, Any]]
   outputs: tuple[str, ...] = ()
   description: str = ''
   network: Network | None = None
+  ignores: tuple[str, ...] = ()
+  extends: tuple[str, ...] = ()
 
 
 MARKER = 'stage.json'
+# The config a stage started with (its marker records it when it finishes).
+STARTED = 'stage_started.json'
 
 
 def _read_marker(stage_dir: str) -> dict[str, Any] | None:
@@ -103,35 +114,183 @@ def is_complete(stage: Stage, stage_dir: str) -> bool:
              for out in stage.outputs)
 
 
-def run_stages(stages: list[Stage], context: StageContext
-               ) -> list[dict[str, Any]]:
-  """Runs (or skips) the stages in order; returns one record per stage.
+def _read_json(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def _under(field: str, prefixes: tuple[str, ...]) -> bool:
+  return any(field == p or field.startswith(p + '.') for p in prefixes)
+
+
+def _fields_for(stage: Stage, fields: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in fields.items() if not _under(k, stage.ignores)}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _describe(changes: list[str], old, new, limit: int = 6) -> str:
+  text = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
+                   for k in changes[:limit])
+  return text + (f' (+{len(changes) - limit} more)' if len(changes) > limit
+                 else '')
+
+
+def _digest(stage: Stage, stage_dir: str) -> str | None:
+  """sha256 over a training stage's weight arrays (None for other stages):
+  tells whether a redone stage changed what later stages read.  The arrays,
+  not the file: a rewritten .npz differs in its zip time stamps."""
+  if stage.network is None:
+    return None
+  path = os.path.join(stage_dir, 'model.npz')
+  if not os.path.exists(path):
+    return None
+  digest = hashlib.sha256()
+  with np.load(path) as arrays:
+    for key in sorted(arrays.files):
+      digest.update(key.encode())
+      digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+  return digest.hexdigest()
+
+
+def plan_stage(stage: Stage, stage_dir: str, fields: dict[str, Any] | None,
+               previous_fields: dict[str, Any] | None,
+               changed_upstream: str | None,
+               own_fields: dict[str, Any] | None = None) -> tuple[str, str]:
+  """(action, reason) for one stage: 'skip' (complete and current), 'run'
+  (new or interrupted: resumes), 'extend' (finished, and only `extends`
+  fields grew: continues from its own state) or 'restart' (its outputs are
+  stale: a field it reads changed, or an earlier stage's output did).
+
+  `fields` is the run's flattened config (None: no staleness check, the
+  marker alone decides) and `own_fields` the stage's own when it is built
+  from another (a stage-1 network's; default `fields`): markers record
+  those.  A marker that recorded none (older workdirs) compares the run's
+  `fields` with `previous_fields` (the workdir's config.json before this
+  run), and is trusted when there is none (stages copied in by sweeps).
+  """
+  complete = is_complete(stage, stage_dir)
+  if fields is None:
+    return ('skip', '') if complete else ('run', '')
+  marker = _read_marker(stage_dir) if complete else _read_json(
+      os.path.join(stage_dir, STARTED))
+  if marker is None:
+    return 'run', ''
+  current = _fields_for(stage, fields if own_fields is None else own_fields)
+  recorded = marker.get('config')
+  if recorded is None:
+    if previous_fields is None:
+      return ('skip', '') if complete else ('run', '')
+    recorded = _fields_for(stage, previous_fields)
+    current = _fields_for(stage, fields)
+  if changed_upstream:
+    return 'restart', f'the output of {changed_upstream!r} changed'
+  changes = _changes(recorded, current)
+  if not changes:
+    return ('skip', '') if complete else ('run', '')
+  grows = all(
+      key in stage.extends and isinstance(recorded.get(key), (int, float))
+      and isinstance(current.get(key), (int, float))
+      and current[key] > recorded[key] for key in changes)
+  reason = _describe(changes, recorded, current)
+  if complete and grows:
+    return 'extend', reason
+  return 'restart', reason
+
+
+def _set_aside(stage: Stage, stage_dir: str) -> str | None:
+  """Clears a stale stage folder; a trained network's folder is kept under
+  another name (never lose a training), others are deleted."""
+  if not os.listdir(stage_dir):
+    return None
+  if stage.network is None:
+    shutil.rmtree(stage_dir)
+    os.makedirs(stage_dir)
+    return None
+  stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  kept, count = f'{stage_dir}.replaced-{stamp}', 1
+  while os.path.exists(kept):
+    count += 1
+    kept = f'{stage_dir}.replaced-{stamp}-{count}'
+  os.rename(stage_dir, kept)
+  os.makedirs(stage_dir)
+  return kept
+
+
+def run_stages(stages: list[Stage], context: StageContext,
+               fields: dict[str, Any] | None = None,
+               previous_fields: dict[str, Any] | None = None,
+               own_fields: Callable[[Stage], dict[str, Any] | None]
+               = lambda stage: None) -> list[dict[str, Any]]:
+  """Runs, skips, continues or redoes the stages in order; returns one
+  record per stage.
 
   A record is {'name', 'status' ('done' | 'skipped'), 'wall_s', 'results'};
-  for a skipped stage, wall_s is the time it took when it ran.
+  for a skipped stage, wall_s is the time it took when it ran.  With
+  `fields` (the flattened config, JSON values), each stage's marker records
+  the fields it reads, and a later run redoes exactly the stages whose
+  fields changed, plus those after a stage whose output changed
+  (`plan_stage`; `own_fields(stage)` gives a stage's own fields when they
+  are not the run's), logging which and why.
   """
   names = [stage.name for stage in stages]
   if len(set(names)) != len(names):
     raise ValueError(f'Stage names must be unique: {names}')
   records = []
+  changed_upstream = None
+  primary = jax.process_index() == 0
   for stage in stages:
     stage_dir = context.stage_dir(stage.name)
-    if is_complete(stage, stage_dir):
+    own = None if fields is None else own_fields(stage)
+    action, reason = plan_stage(stage, stage_dir, fields, previous_fields,
+                                changed_upstream, own)
+    if action == 'skip':
       marker = _read_marker(stage_dir)
       log.info('Stage %r is complete (%s); skipping.', stage.name,
                    stage_dir)
       record = dict(name=stage.name, status='skipped',
                     wall_s=marker.get('wall_s', 0.0),
                     results=marker.get('results', {}))
+      context.results[stage.name] = record['results']
+      records.append(record)
+      continue
+    before = _digest(stage, stage_dir)
+    if action == 'extend':
+      log.info('Stage %r continues from its last checkpoint: %s',
+               stage.name, reason)
+      if primary:
+        os.remove(os.path.join(stage_dir, MARKER))
+    elif action == 'restart':
+      kept = _set_aside(stage, stage_dir) if primary else None
+      log.warning('Stage %r reruns from the start: %s%s', stage.name,
+                  reason, f' (its previous outputs are kept in {kept})'
+                  if kept else '')
     else:
       log.info('Stage %r: %s', stage.name, stage.description or 'running')
-      start = time.time()
-      results = stage.run(context, stage_dir) or {}
-      record = dict(name=stage.name, status='done',
-                    wall_s=round(time.time() - start, 2), results=results)
-      if jax.process_index() == 0:
-        write_json_atomic(os.path.join(stage_dir, MARKER),
-                          dict(record, description=stage.description))
+    current = None if fields is None else _fields_for(
+        stage, fields if own is None else own)
+    if primary and current is not None:
+      write_json_atomic(os.path.join(stage_dir, STARTED), {'config': current})
+    start = time.time()
+    results = stage.run(context, stage_dir) or {}
+    record = dict(name=stage.name, status='done',
+                  wall_s=round(time.time() - start, 2), results=results)
+    if primary:
+      marker = dict(record, description=stage.description)
+      if current is not None:
+        marker['config'] = current
+      write_json_atomic(os.path.join(stage_dir, MARKER), marker)
+    # A redone stage whose output differs makes every later one stale; a
+    # stage that merely resumed (or ran for the first time) does not.
+    if action != 'run' and changed_upstream is None:
+      after = _digest(stage, stage_dir)
+      if after is None or after != before:
+        changed_upstream = stage.name
     context.results[stage.name] = record['results']
     records.append(record)
   return records
