@@ -52,6 +52,14 @@ def number(field: str, value: Any, low: float, high: float | None = None,
   return int(value) if integer else float(value)
 
 
+def _positive_numbers(values: Any, allow_empty: bool = False) -> bool:
+  """A tuple/list of positive numbers (a string from a mistyped override
+  is refused, not compared)."""
+  return (isinstance(values, (tuple, list)) and (allow_empty or values)
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and v > 0 for v in values))
+
+
 def validate(config) -> None:
   """Raises ConfigError naming every invalid field of `config`."""
   errors: list[str] = []
@@ -85,7 +93,7 @@ def validate(config) -> None:
   low, high = tuple(inp.scale_range)
   need(0 < low <= high, 'input.scale_range',
        f'must satisfy 0 < low <= high, got {(low, high)}')
-  need(all(s > 0 for s in inp.scales), 'input.scales',
+  need(_positive_numbers(inp.scales, allow_empty=True), 'input.scales',
        f'must be positive, got {tuple(inp.scales)}')
   need(inp.color_jitter >= 0, 'input.color_jitter', 'must be >= 0')
   need(inp.max_boxes >= 1, 'input.max_boxes', 'must be >= 1')
@@ -97,7 +105,7 @@ def validate(config) -> None:
        'eval.bucket_size', f'({ev.bucket_size}) is smaller than '
        f'input.crop_size ({inp.crop_size}); use 0 (automatic) or a larger '
        'bucket')
-  need(all(s > 0 for s in ev.scales) and len(ev.scales) > 0, 'eval.scales',
+  need(_positive_numbers(ev.scales), 'eval.scales',
        f'must be non-empty and positive, got {tuple(ev.scales)}')
   need(ev.max_images >= 0, 'eval.max_images', 'must be >= 0')
   need(config.compute_dtype in ('float32', 'bfloat16'), 'compute_dtype',

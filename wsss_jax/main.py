@@ -13,7 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from wsss_jax import run
+from wsss_jax import config_checks, run
+from wsss_jax.data import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/box_baseline.py[:variant].',
@@ -25,10 +26,22 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   run.start_command(argv)
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.name    # config_flags reports a file it could not load only here
+  except OSError as error:
+    print(f'error: --config: {run.user_error_message(error)}',
+          file=sys.stderr)
+    return 2
   workdir = _WORKDIR.value or run.default_workdir(config)
-  run.train_and_evaluate(config, workdir)
+  try:
+    run.train_and_evaluate(config, workdir)
+  except (config_checks.ConfigError, registry.DatasetError) as error:
+    # A value out of range or missing data: the message says what to fix.
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == '__main__':
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=run.parse_command_line))

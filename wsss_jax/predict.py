@@ -36,14 +36,15 @@ _overrides: list[str] = []
 
 
 def _parse(argv: list[str]) -> list[str]:
-  """absl parsing of the flags above; `--config.a.b=v` kept as overrides."""
+  """absl parsing of the flags above (a bad one: a message and exit 2);
+  `--config.a.b=v` kept as overrides, applied to the run's config."""
   rest = [argv[0]]
   for arg in argv[1:]:
     if arg.startswith(_CONFIG_PREFIX):
       _overrides.append(arg[len(_CONFIG_PREFIX):])
     else:
       rest.append(arg)
-  return flags.FLAGS(rest)
+  return run.parse_command_line(rest)
 
 
 def main(argv):

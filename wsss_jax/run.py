@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 import time
 from typing import Any
 
@@ -50,6 +52,53 @@ def enable_compilation_cache() -> str:
     jax.config.update('jax_compilation_cache_dir', folder)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   return folder
+
+
+def _clean(text: str) -> str:
+  text = text.split('Traceback (most recent call last):')[0]
+  return ' '.join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def user_error_message(error: BaseException, argv: list[str] = ()) -> str:
+  """One readable line for a mistake in the command line or config, from a
+  chain of wrapped exceptions whose messages may embed tracebacks: the
+  outermost message (it names the flag), completed by the innermost where
+  the outer one only announces it; an unknown config field names its flag
+  and the closest field."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or (None if error.__suppress_context__
+                                else error.__context__)
+  outer, inner = chain[0], chain[-1]
+  if isinstance(outer, (AttributeError, KeyError)) and isinstance(
+      inner, KeyError) and inner.args:
+    name = str(inner.args[0])
+    flag = next((arg.split('=')[0] for arg in argv if arg.startswith(
+        '--config.') and name in arg.split('=')[0].split('.')[1:]), 'config')
+    close = re.search(r'Did you mean \W*"(\w+)\W*"', str(outer))
+    return (f'{flag}: no config field {name!r}.'
+            + (f' Did you mean {close.group(1)!r}?' if close else ''))
+  text = _clean(str(outer))
+  if (not text or text.endswith(':')) and inner is not outer:
+    text = f'{text} {_clean(str(inner))}'.strip()
+  return text or type(outer).__name__
+
+
+def parse_command_line(argv: list[str]) -> list[str]:
+  """absl flag parsing (as `app.run`'s `flags_parser`) that turns a bad flag,
+  config field, value or variant into one line on stderr and exit status 2,
+  not a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except
+    # config_flags reports typos, wrong types and config-file errors as
+    # assorted exception types, often wrapped.
+    print(f'error: {user_error_message(error, argv)}', file=sys.stderr)
+    print(f'Run {os.path.basename(argv[0])} --helpfull for the flags.',
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def start_command(argv: list[str]) -> None:
