@@ -31,3 +31,33 @@ def test_heatmap_clips_to_the_unit_interval():
   np.testing.assert_array_equal(out[0, 0], out[0, 1])    # -1 shows as 0
   np.testing.assert_array_equal(out[1, 0], out[1, 1])    # 2 shows as 1
   assert not np.array_equal(out[0, 0], out[1, 0])
+
+
+def test_image_grid_fits_each_image_into_its_cell():
+  wide = np.full((10, 40, 3), 7, np.uint8)
+  grid = figures.image_grid([[wide, None], [wide[..., 0], wide]], cell=20,
+                            gap=2)
+  assert grid.shape == (42, 42, 3)
+  # The 40x10 image becomes 20x5, centred vertically in its cell; a small
+  # one is enlarged to fill it.
+  assert (grid[7:12, 0:20] == 7).all() and (grid[0:7, 0:20] == 255).all()
+  assert (grid[0:20, 22:42] == 230).all()          # the empty cell
+  small = figures.image_grid([[np.full((2, 4, 3), 9, np.uint8)]], cell=20)
+  assert small.shape == (20, 20, 3) and (small[5:15] == 9).all()
+
+
+def test_history_plot_has_a_panel_per_term_and_a_fixed_miou_axis(tmp_path):
+  history = {'train': [{'step': s, 'loss': 1.0 / s, 'ce': 0.5 / s,
+                        'lr': 0.01, 'grad_norm': 1.0} for s in (1, 2, 3)],
+             'val': [{'step': 3, 'miou': 65.1}]}
+  path = str(tmp_path / 'curve.png')
+  assert figures.plot_history(history, 'stage train', path)
+  assert os.path.getsize(path) > 0
+  assert not figures.plot_history({'train': []}, 't', path + '2')
+
+
+def test_class_legend(tmp_path):
+  path = str(tmp_path / 'legend.png')
+  figures.class_legend(('background', 'disc'),
+                       np.array([[0, 0, 0], [128, 0, 0]]), path)
+  assert os.path.getsize(path) > 0

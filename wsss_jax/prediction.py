@@ -26,9 +26,9 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
-import tqdm
 from PIL import Image
 
+from wsss_jax import progress as progress_lib
 from wsss_jax import config_checks, config_io, methods, runtime, segmentation
 from wsss_jax.atomic import write_json_atomic
 from wsss_jax.data import label_png, registry, schema
@@ -270,8 +270,8 @@ def predict_folder(workdir: str, images: str, out: str, *,
 
   host_fn = (functools.partial(crf_lib.crf_item, params=crf_params,
                                argmax=True) if crf_params else _labels_item)
-  bar = tqdm.tqdm(total=len(sides), desc='predict', disable=(
-      None if progress is None else not progress))
+  bar = progress_lib.bar(total=len(sides), desc='predict',
+                         show=True if progress is None else progress)
   with HostPool(host_fn, int(eval_config.crf_workers) if crf_params else 0,
                 desc='predict host', progress=False) as pool:
     in_flight = None

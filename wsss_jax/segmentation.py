@@ -12,6 +12,7 @@ into a pipeline, choosing the labels, the loss and the model.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from typing import Any, Callable, Mapping
@@ -22,6 +23,7 @@ import numpy as np
 from wsss_jax import losses
 from wsss_jax.atomic import json_safe
 from wsss_jax.data import pipeline, schema
+from wsss_jax.data import label_png
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.evaluation import inference, metrics
 from wsss_jax.pseudo import engine as label_engine
@@ -252,7 +254,11 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       evaluate=(lambda variables: _val_scalars(evaluator(
           variables, max_images=config.train.eval_max_images,
           progress=False))) if validate else None,
-      images_per_step=batch_size)
+      images_per_step=batch_size,
+      learning_rate=optim.make_schedule(config.optim, num_steps),
+      preview=(validation_preview(rt, model)
+               if validate and jax.process_count() == 1 else None),
+      config_text=_config_markdown(config))
   state, summary = loop.train(job)
   if mesh_lib.is_primary():
     weights_lib.save_weights(
@@ -261,6 +267,50 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
   mesh_lib.barrier(f'model-{stage_dir}')
   summary['initialisation'] = init_record or {'init': 'resumed'}
   return summary
+
+
+def _config_markdown(config) -> str:
+  """The config as a JSON code block (TensorBoard renders text as markdown)."""
+  text = json.dumps(json.loads(config.to_json_best_effort()), indent=2)
+  return '```\n' + text + '\n```'
+
+
+def validation_preview(rt: Runtime, model, count: int = 4
+                       ) -> Callable[[Any], np.ndarray]:
+  """`(variables) -> uint8 image`: rows of [image | ground truth |
+  prediction] for the first `count` validation images (single scale), for
+  TensorBoard.  The images are padded once to one square size, so the
+  predictor compiles once."""
+  source = rt.dataset.source(rt.val_split)
+  examples = [source[i] for i in range(min(count, len(source)))]
+  side = int(np.ceil(max(max(e[schema.IMAGE].shape[:2]) for e in examples)
+                     / 8) * 8)
+  devices = rt.mesh.devices.size
+  batch = -(-len(examples) // devices) * devices
+  images = np.empty((batch, side, side, 3), np.uint8)
+  images[...] = np.asarray(rt.pad_color, np.uint8)
+  for i, example in enumerate(examples):
+    height, width = example[schema.IMAGE].shape[:2]
+    images[i, :height, :width] = example[schema.IMAGE]
+  predict = inference.make_predictor(model, rt.normalization,
+                                     compute_dtype=rt.compute_dtype,
+                                     mesh=rt.mesh)
+  device_images = mesh_lib.device_batch({schema.IMAGE: images},
+                                        rt.mesh)[schema.IMAGE]
+
+  def preview(variables) -> np.ndarray:
+    labels = np.asarray(predict(variables, device_images))
+    rows = []
+    for i, example in enumerate(examples):
+      image = images[i]
+      truth = np.zeros((side, side), np.uint8)
+      height, width = example[schema.MASK].shape
+      truth[:height, :width] = example[schema.MASK]
+      rows.append(np.concatenate(
+          [image, label_png.overlay(image, truth),
+           label_png.overlay(image, labels[i])], axis=1))
+    return np.concatenate(rows, axis=0)
+  return preview
 
 
 def _val_scalars(scores: dict[str, Any]) -> dict[str, float]:

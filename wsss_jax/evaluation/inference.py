@@ -17,8 +17,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
+from wsss_jax import progress as progress_lib
 from wsss_jax.data import pipeline, schema, transforms
 from wsss_jax.data.label_png import write_label_png
 from wsss_jax.evaluation import metrics
@@ -187,9 +187,8 @@ class Evaluator:
 
     batches = pipeline.eval_batches(source, self.transform,
                                     self.config.batch_size, self.worker_count)
-    bar = tqdm.tqdm(total=len(source), desc=f'eval {self.split}',
-                    leave=False, disable=not progress or
-                    jax.process_index() != 0)
+    bar = progress_lib.bar(total=len(source), desc=f'eval {self.split}',
+                           leave=False, show=progress)
     with HostPool(host_fn, workers, desc='crf', progress=False) as pool:
       in_flight = None
       for batch in batches:

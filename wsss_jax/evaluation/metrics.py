@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
+from wsss_jax import progress as progress_lib
 from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder, MissingLabelsError
 
@@ -239,8 +239,8 @@ def evaluate_label_folder(
   num_unlabeled = 0
   existing = folder.existing_ids()
   examples, total = _examples(source, max_images)
-  with tqdm.tqdm(total=total, desc=f'eval {folder.root}', disable=not progress,
-                 leave=False) as bar:
+  with progress_lib.bar(total=total, desc=f'eval {folder.root}',
+                        show=progress, leave=False) as bar:
     for example in examples:
       bar.update(1)
       image_id = str(example[schema.IMAGE_ID])

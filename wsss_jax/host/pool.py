@@ -36,6 +36,8 @@ from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 import tqdm
 
+from wsss_jax import progress as progress_lib
+
 T = TypeVar('T')
 R = TypeVar('R')
 
@@ -139,8 +141,8 @@ class HostPool(Generic[T, R]):
                                         self._initializer))
     elif self._initializer is not None:
       self._initializer()
-    self._bar = tqdm.tqdm(total=self._total, desc=self.desc,
-                          disable=not self._progress, leave=False)
+    self._bar = progress_lib.bar(total=self._total, desc=self.desc,
+                                 show=self._progress, leave=False)
     self._open = True
     return self
 

@@ -83,29 +83,99 @@ def render_table(table: Mapping[str, Any]) -> list[str]:
   return lines + ['']
 
 
+# Training scalars that are not terms of the objective.
+_NOT_LOSS_TERMS = ('step', 'lr', 'grad_norm')
+
+
 def plot_history(history: Mapping[str, Any], title: str, path: str) -> bool:
-  """Training loss and periodic validation mIoU against the step (PNG);
-  False when the history has no training rows."""
+  """Small multiples against the step (PNG): the objective, each logged term,
+  the learning rate, and the validation mIoU on a fixed 0-100 axis (so a
+  1-point change looks like one); False when the history has no training
+  rows."""
   train = history.get('train', [])
   if not train:
     return False
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
   steps = [row['step'] for row in train]
-  ax.plot(steps, [row['loss'] for row in train], color='tab:blue',
-          label='train loss')
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss', color='tab:blue')
+  terms = ['loss'] + sorted(k for k in train[-1]
+                            if k not in _NOT_LOSS_TERMS and k != 'loss')
+  panels = [(k, [row.get(k, np.nan) for row in train]) for k in terms]
+  if 'lr' in train[-1]:
+    panels.append(('learning rate', [row.get('lr', np.nan) for row in train]))
   val = history.get('val', [])
+  columns = min(3, len(panels) + bool(val))
+  rows = -(-(len(panels) + bool(val)) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows),
+                           dpi=100, squeeze=False)
+  axes = list(axes.flat)
+  for ax, (name, values) in zip(axes, panels):
+    ax.plot(steps, values, color='tab:blue' if name != 'learning rate'
+            else 'tab:green', linewidth=1)
+    ax.set_title('objective' if name == 'loss' else name, fontsize=9)
+    ax.tick_params(labelsize=7)
   if val:
-    ax2 = ax.twinx()
-    ax2.plot([row['step'] for row in val], [row['miou'] for row in val],
-             'o-', color='tab:orange', label='val mIoU')
-    ax2.set_ylabel('val mIoU (%)', color='tab:orange')
-  ax.set_title(title)
+    ax = axes[len(panels)]
+    ax.plot([row['step'] for row in val], [row['miou'] for row in val],
+            'o-', color='tab:orange', markersize=3)
+    ax.set_ylim(0, 100)
+    ax.set_title('val mIoU (%)', fontsize=9)
+    ax.tick_params(labelsize=7)
+  for ax in axes[len(panels) + bool(val):]:
+    ax.axis('off')
+  for ax in axes[-columns:]:
+    ax.set_xlabel('step', fontsize=8)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
   return True
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray | None]], cell: int = 160,
+               gap: int = 2) -> np.ndarray:
+  """uint8 (H, W, 3) grid: each image scaled to fit `cell` x `cell` (aspect
+  kept; enlarged by pixel repetition, shrunk bilinearly), centred on white;
+  a None cell stays light grey."""
+  height = len(rows) * (cell + gap) - gap
+  width = max(len(r) for r in rows) * (cell + gap) - gap
+  grid = np.full((height, width, 3), 255, np.uint8)
+  for i, row in enumerate(rows):
+    for j, array in enumerate(row):
+      top, left = i * (cell + gap), j * (cell + gap)
+      if array is None:
+        grid[top:top + cell, left:left + cell] = 230
+        continue
+      image = Image.fromarray(np.asarray(array)).convert('RGB')
+      scale = cell / max(image.height, image.width)
+      size = (max(1, round(image.width * scale)),
+              max(1, round(image.height * scale)))
+      image = image.resize(size, Image.NEAREST if scale > 1
+                           else Image.BILINEAR)
+      h, w = image.height, image.width
+      y, x = top + (cell - h) // 2, left + (cell - w) // 2
+      grid[y:y + h, x:x + w] = np.asarray(image)
+  return grid
+
+
+def class_legend(class_names: Sequence[str], palette: np.ndarray,
+                 path: str) -> None:
+  """A PNG of every class's palette colour with its id and name."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+  handles = [Patch(facecolor=np.asarray(palette[i]) / 255.0,
+                   edgecolor='black', label=f'{i} {name}')
+             for i, name in enumerate(class_names)]
+  columns = min(len(handles), 6)
+  fig = plt.figure(figsize=(1.6 * columns, 0.3 + 0.3 * -(-len(handles)
+                                                          // columns)),
+                   dpi=100)
+  fig.legend(handles=handles, loc='center', ncol=columns, frameon=False,
+             fontsize=8)
+  fig.savefig(path, bbox_inches='tight')
+  plt.close(fig)
+
+

@@ -12,7 +12,6 @@ import math
 import os
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from wsss_jax.data import schema
@@ -44,46 +43,48 @@ def describe_protocol(protocol: dict[str, Any] | None) -> str:
           f"{'with' if protocol.get('crf') else 'no'} CRF")
 
 
-def _save_png(path: str, array: np.ndarray) -> str:
-  Image.fromarray(array).save(path)
-  return path
+EXAMPLE_COLUMNS = ('input', 'ground truth', 'pseudo-mask', 'prediction')
 
 
-def _example_rows(rt: Runtime, workdir: str, pipeline: MethodPipeline,
+def _example_grid(rt: Runtime, workdir: str, pipeline: MethodPipeline,
                   predictions_root: str, split: str, count: int,
-                  out_dir: str) -> list[list[str]]:
-  """Writes overlays for the first `count` images of a split; returns rows
-  of relative image paths (input, gt, pseudo or None, prediction or None)."""
+                  out_dir: str) -> tuple[str, list[str]]:
+  """Writes one grid PNG of the first `count` images of a split (rows:
+  images; columns: EXAMPLE_COLUMNS as palette overlays, grey where there
+  is none); returns (its path relative to the workdir, the row ids)."""
   source = Subset(rt.dataset.source(split), count)
   predictions = LabelFolder(os.path.join(predictions_root, split))
   pseudo = (LabelFolder(os.path.join(workdir, pipeline.pseudo.folder))
             if pipeline.pseudo and split == rt.train_split else None)
-  rows = []
+  rows, ids = [], []
   for i in range(len(source)):
     example = source[i]
-    image_id = example[schema.IMAGE_ID]
+    image_id = str(example[schema.IMAGE_ID])
     image = example[schema.IMAGE]
-    base = os.path.join(out_dir, f'{split}_{image_id}')
-    cells = [_save_png(f'{base}_input.png', image),
-             _save_png(f'{base}_gt.png', overlay(image, example[schema.MASK]))]
-    for folder, suffix in ((pseudo, 'pseudo'), (predictions, 'pred')):
+    cells = [image, overlay(image, example[schema.MASK])]
+    for folder in (pseudo, predictions):
       if folder is not None and os.path.exists(folder.path(image_id)):
-        label = folder.read(image_id, expected_hw=image.shape[:2])
-        cells.append(_save_png(f'{base}_{suffix}.png', overlay(image, label)))
+        cells.append(overlay(image, folder.read(
+            image_id, expected_hw=image.shape[:2])))
       else:
         cells.append(None)
-    rows.append([image_id] + [os.path.relpath(c, workdir) if c else None
-                              for c in cells])
-  return rows
+    rows.append(cells)
+    ids.append(image_id)
+  path = os.path.join(out_dir, f'examples_{split}.png')
+  Image.fromarray(figures.image_grid(rows)).save(path)
+  return os.path.relpath(path, workdir), ids
 
 
-def _image_table(rows: list[list[str]]) -> list[str]:
-  lines = ['| image | input | ground truth | pseudo-mask | prediction |',
-           '| --- | --- | --- | --- | --- |']
-  for image_id, *cells in rows:
-    rendered = [f'![]({c})' if c else '–' for c in cells]
-    lines.append(f'| {image_id} | ' + ' | '.join(rendered) + ' |')
-  return lines
+def headline(config, dataset_name: str) -> str:
+  """'box2seg (variant grabcut) on shapes_hard', plus the config's name
+  when it is not the method's."""
+  text = config.method
+  if config.variant:
+    text += f' (variant {config.variant})'
+  text += f' on {dataset_name}'
+  if config.name != config.method:
+    text += f', config {config.name}'
+  return text
 
 
 def _class_table(rt: Runtime, results: dict[str, Any]) -> list[str]:
@@ -104,12 +105,11 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
   out_dir = os.path.join(workdir, REPORT_DIR)
   os.makedirs(out_dir, exist_ok=True)
   config = rt.config
-  name = config.name + (f':{config.variant}' if config.variant else '')
   val = results.get('val') or {}
   pseudo = results.get('pseudo') or {}
   backbone = results['backbone']
   lines = [
-      f'# {name}: {config.method} on {rt.dataset.name}', '',
+      f'# {headline(config, rt.dataset.name)}', '',
       '| | |', '| --- | --- |',
       f"| val mIoU ({rt.val_split}) | **{_fmt(val.get('miou'))}** |",
       f"| val pixel accuracy | {_fmt(val.get('pixel_acc'))} |",
@@ -132,7 +132,7 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
     history = by_name.get(stage, {}).get('history', {})
     # Round stages ('round2/train') get a flat file name.
     path = os.path.join(out_dir, f"curve_{stage.replace('/', '_')}.png")
-    if figures.plot_history(history, f'{name} / {stage}', path):
+    if figures.plot_history(history, f'stage {stage}', path):
       lines.append(f'![{stage}]({os.path.relpath(path, workdir)})')
       summary = by_name.get(stage, {})
       lines.append('')
@@ -144,12 +144,17 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
   predictions_root = os.path.join(workdir, pipeline.eval_stage, 'predictions')
   count = int(config.report.num_examples)
   if count:
+    legend = os.path.join(out_dir, 'legend.png')
+    figures.class_legend(rt.class_names, schema.voc_palette(), legend)
     lines += ['## Examples', '',
-              'Overlays use the VOC palette (ignore = light grey).', '']
+              f'Columns: {", ".join(EXAMPLE_COLUMNS)} (VOC palette overlays; '
+              'ignore is light grey; a grey cell has no image).', '',
+              f'![classes]({os.path.relpath(legend, workdir)})', '']
     for split in (rt.train_split, rt.val_split):
-      rows = _example_rows(rt, workdir, pipeline, predictions_root, split,
-                           count, out_dir)
-      lines += [f'### {split}', ''] + _image_table(rows) + ['']
+      grid, ids = _example_grid(rt, workdir, pipeline, predictions_root,
+                                split, count, out_dir)
+      lines += [f'### {split}: {", ".join(ids)}', '', f'![{split}]({grid})',
+                '']
   for record in records:
     table = (record['results'] or {}).get(figures.FIGURES_KEY)
     if table:

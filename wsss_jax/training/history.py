@@ -22,7 +22,7 @@ class History:
   """Train/val scalars by step, mirrored to TensorBoard on process 0."""
 
   def __init__(self, log_dir: str, stage: str,
-               state: dict[str, Any] | None = None):
+               state: dict[str, Any] | None = None, config_text: str = ''):
     self.stage = stage
     self.train: list[dict[str, float]] = list((state or {}).get('train', []))
     self.val: list[dict[str, float]] = list((state or {}).get('val', []))
@@ -30,6 +30,8 @@ class History:
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(log_dir=os.path.join(log_dir, 'tb'))
+      if config_text and state is None:       # once, when the stage starts
+        self._writer.add_text('config', config_text, 0)
 
   def state(self) -> dict[str, Any]:
     return {'train': self.train, 'val': self.val}
@@ -42,16 +44,36 @@ class History:
     self.val.append(dict(step=int(step), **scalars))
     self._write('val', step, scalars)
 
+  def add_image(self, step: int, image: np.ndarray,
+                tag: str = 'val/predictions') -> None:
+    """A uint8 (H, W, 3) image (e.g. inputs next to predictions)."""
+    if self._writer is not None:
+      self._writer.add_image(tag, image, step, dataformats='HWC')
+      self._writer.flush()
+
   def _write(self, prefix: str, step: int, scalars: dict[str, float]) -> None:
     if self._writer is None:
       return
     for name, value in scalars.items():
-      self._writer.add_scalar(f'{self.stage}/{prefix}/{name}', value, step)
+      self._writer.add_scalar(tensorboard_tag(prefix, name), value, step)
     self._writer.flush()
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+def tensorboard_tag(prefix: str, name: str) -> str:
+  """The TensorBoard tag of a scalar (each stage writes its own events file,
+  so tags carry no stage name): 'val/miou', 'lr', 'loss/total' for the
+  objective, 'loss/<term>' for its terms and diagnostics, 'optim/grad_norm'."""
+  if prefix == 'val':
+    return f'val/{name}'
+  if name == 'lr':
+    return 'lr'
+  if name == 'grad_norm':
+    return 'optim/grad_norm'
+  return 'loss/total' if name == 'loss' else f'loss/{name}'
 
 
 def mean_scalars(metrics: list[dict[str, Any]]) -> dict[str, float]:

@@ -21,8 +21,8 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-import tqdm
 
+from wsss_jax import progress as progress_lib
 from wsss_jax.training import checkpoint as checkpoint_lib
 from wsss_jax.training import history as history_lib
 from wsss_jax.training import mesh as mesh_lib
@@ -57,6 +57,11 @@ class TrainingJob:
       from `config.train`.
     evaluate: optional (variables) -> dict of scalars (periodic validation).
     images_per_step: global batch size (throughput reporting).
+    learning_rate: optional (0-based update count) -> the base learning
+      rate (before parameter-group multipliers), logged with the losses.
+    preview: optional (variables) -> uint8 (H, W, 3) image of a few
+      validation predictions, written to TensorBoard at each validation.
+    config_text: the run's config, written to TensorBoard once.
   """
   name: str
   stage_dir: str
@@ -72,6 +77,32 @@ class TrainingJob:
   eval_every: int = 0
   evaluate: Callable[[Any], dict[str, float]] | None = None
   images_per_step: int = 0
+  learning_rate: Callable[[int], Any] | None = None
+  preview: Callable[[Any], Any] | None = None
+  config_text: str = ''
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return (f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours
+          else f'{rest // 60}:{rest % 60:02d}')
+
+
+def progress_line(step: int, num_steps: int, scalars: dict[str, float],
+                  steps_per_second: float | None, images_per_step: int
+                  ) -> str:
+  """'step 200/700 (29%): loss=0.41 lr=0.00093 | 4.8 step/s, 38 img/s |
+  ETA 1:44' (rates and ETA once a steady window was timed)."""
+  line = (f'step {step}/{num_steps} ({100 * step // max(num_steps, 1)}%): '
+          + ' '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items())))
+  if steps_per_second:
+    line += f' | {steps_per_second:.3g} step/s'
+    if images_per_step:
+      line += f', {steps_per_second * images_per_step:.3g} img/s'
+    if step < num_steps:
+      line += f' | ETA {_duration((num_steps - step) / steps_per_second)}'
+  return line
 
 
 class _SigtermFlag:
@@ -149,7 +180,15 @@ def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
     checkpointer.close()
     raise
   prepare_seconds = time.time() - prepare_start
-  history = history_lib.History(job.stage_dir, job.name, meta.get('history'))
+  history = history_lib.History(job.stage_dir, job.name, meta.get('history'),
+                                config_text=job.config_text)
+
+  def validate(step):
+    scores = job.evaluate(state.variables)
+    history.add_val(step, scores)
+    history_lib.log_line(job.name + '/val', step, scores)
+    if job.preview is not None and jax.process_index() == 0:
+      history.add_image(step, job.preview(state.variables))
   start_step = int(jax.device_get(state.step))
   pending: list[tuple[int, dict[str, Any]]] = []
   last_saved = start_step if restored is not None else None
@@ -170,6 +209,8 @@ def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
           f'[{job.name}] {name} = {value} at step {step}; training stopped, '
           f'{where}. Lower optim.lr or check the labels of this stage.')
     scalars = history_lib.mean_scalars([m for _, m in fetched])
+    if job.learning_rate is not None:
+      scalars['lr'] = float(job.learning_rate(fetched[-1][0] - 1))
     history.add_train(fetched[-1][0], scalars)
     return scalars
 
@@ -180,52 +221,58 @@ def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
         'history': history.state()})
     last_saved = step
 
-  progress = tqdm.tqdm(total=job.num_steps, initial=start_step,
-                       desc=job.name, unit='step', dynamic_ncols=True,
-                       disable=jax.process_index() != 0)
+  progress = progress_lib.bar(total=job.num_steps, initial=start_step,
+                              desc=job.name, unit='step', dynamic_ncols=True)
   step = start_step
   first_step_seconds = eval_seconds = 0.0
   session_start = time.time()
-  with _SigtermFlag() as sigterm:
-    try:
-      while step < job.num_steps:
-        if first_batch is not None:
-          batch, first_batch = first_batch, None
-        else:
-          batch = mesh_lib.device_batch(next(data_iter), job.mesh)
-        state, metrics = job.train_step(state, batch)
-        step += 1
-        pending.append((step, metrics))
-        if step == start_step + 1:  # includes any compilation left
-          jax.block_until_ready(metrics)
-          first_step_seconds = time.time() - session_start
-        done = step == job.num_steps
-        if step % job.log_every == 0 or done:
-          scalars = flush()
-          progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-          history_lib.log_line(job.name, step, scalars)
-        if job.evaluate is not None and job.eval_every and (
-            step % job.eval_every == 0 and not done):
-          tick = time.time()
-          scores = job.evaluate(state.variables)
-          eval_seconds += time.time() - tick
-          history.add_val(step, scores)
-          history_lib.log_line(job.name + '/val', step, scores)
-        progress.update(1)
-        if done or step % job.checkpoint_every == 0 or sigterm.raised:
-          save(step)
-        if sigterm.raised and not done:
-          checkpointer.wait()
-          raise Preempted(f'[{job.name}] SIGTERM at step {step}; checkpoint '
-                          'written. Rerun the same command to resume.')
-    finally:
-      progress.close()
-      checkpointer.close()
-      history.close()
-  session_seconds = time.time() - session_start
-  if job.evaluate is not None:
-    scores = job.evaluate(state.variables)
-    history.add_val(step, scores)
+  window = (session_start, start_step, 0.0)  # (time, step, eval s) at start
+  try:   # the final validation goes to the same events file
+    with _SigtermFlag() as sigterm:
+      try:
+        while step < job.num_steps:
+          if first_batch is not None:
+            batch, first_batch = first_batch, None
+          else:
+            batch = mesh_lib.device_batch(next(data_iter), job.mesh)
+          state, metrics = job.train_step(state, batch)
+          step += 1
+          pending.append((step, metrics))
+          if step == start_step + 1:  # includes any compilation left
+            jax.block_until_ready(metrics)
+            first_step_seconds = time.time() - session_start
+            window = (time.time(), step, eval_seconds)
+          done = step == job.num_steps
+          if step % job.log_every == 0 or done:
+            scalars = flush()     # waits for the step: the window is timed
+            now = time.time()
+            timed = now - window[0] - (eval_seconds - window[2])
+            rate = ((step - window[1]) / timed
+                    if step > window[1] and timed > 0 else None)
+            window = (now, step, eval_seconds)
+            progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+            log.info('[%s] %s', job.name, progress_line(
+                step, job.num_steps, scalars, rate, job.images_per_step))
+          if job.evaluate is not None and job.eval_every and (
+              step % job.eval_every == 0 and not done):
+            tick = time.time()
+            validate(step)
+            eval_seconds += time.time() - tick
+          progress.update(1)
+          if done or step % job.checkpoint_every == 0 or sigterm.raised:
+            save(step)
+          if sigterm.raised and not done:
+            checkpointer.wait()
+            raise Preempted(f'[{job.name}] SIGTERM at step {step}; checkpoint '
+                            'written. Rerun the same command to resume.')
+      finally:
+        progress.close()
+        checkpointer.close()
+    session_seconds = time.time() - session_start
+    if job.evaluate is not None:
+      validate(step)
+  finally:
+    history.close()
   steps_run = job.num_steps - start_step
   steady_seconds = session_seconds - first_step_seconds - eval_seconds
   summary = {
