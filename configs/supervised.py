@@ -1,13 +1,6 @@
-"""Fully supervised upper bound: train on ground-truth masks.
+"""The packaged config `wsss_jax/configs/supervised.py` (read it there), under
+the `--config=configs/supervised.py` spelling of a checkout."""
 
-  python -m wsss_jax.main --config=configs/supervised.py         # shapes
-  python -m wsss_jax.main --config=configs/supervised.py:voc     # LargeFOV
-  variants: tiny (tests), voc, voc_resnet, coco
-"""
+from wsss_jax.configs.supervised import get_config
 
-from wsss_jax import defaults
-
-
-def get_config(arg=None):
-  config = defaults.base_config('supervised', method='supervised')
-  return defaults.apply_variant(config, arg or '')
+__all__ = ['get_config']

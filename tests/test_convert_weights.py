@@ -74,8 +74,8 @@ def test_lpg_vgg16_sequential_indices(tmp_path):
                                 net['fc6']['bias'])
   np.testing.assert_array_equal(flat['params/backbone/conv4_3/kernel'],
                                 net['conv4_3']['weight'].transpose(2, 3, 1, 0))
-  # --flip-first-conv: the converted model takes RGB for the BGR-trained net.
-  path = _convert(tmp_path, state, 'lpg_vgg16', '--flip-first-conv')
+  # --flip_first_conv: the converted model takes RGB for the BGR-trained net.
+  path = _convert(tmp_path, state, 'lpg_vgg16', '--flip_first_conv')
   model = build.build_model(_vgg_config(fc6_dilation=1), 5)
   variables, _ = weights.load_weights(_template(model, 17), path)
   rgb = rng.normal(size=(1, 17, 17, 3)).astype(np.float32)
@@ -119,7 +119,7 @@ def test_deeplab_resnet101_caffe_bn_round_trip(tmp_path):
   blocks = (1, 2, 1, 1)
   net = fake_resnet(rng, blocks)
   state = deeplab_resnet_names(net, caffe_factor=7.0)
-  path = _convert(tmp_path, state, 'deeplab_resnet101', '--caffe-bn')
+  path = _convert(tmp_path, state, 'deeplab_resnet101', '--caffe_bn')
   model = build.build_model(_resnet_config(blocks), 3)
   variables, report = weights.load_weights(_template(model, 32), path)
   assert report['missing'] == [] and report['relocated'] == []
@@ -201,7 +201,7 @@ def test_converter_rejects_keys_outside_the_layout():
 
 def test_converter_caffe_bn_errors():
   net = fake_resnet(np.random.default_rng(8), (1, 1, 1, 1))
-  with pytest.raises(cw.ConversionError, match='--caffe-bn'):
+  with pytest.raises(cw.ConversionError, match='--caffe_bn'):
     cw.convert_state_dict(deeplab_resnet_names(net, caffe_factor=3.0),
                           'deeplab_resnet101')
   with pytest.raises(cw.ConversionError, match='no scale_factor'):

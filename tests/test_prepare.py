@@ -21,7 +21,7 @@ VOC_MINI = DATA / 'voc_mini'
 
 
 def test_voc_command_is_idempotent(tmp_path, capsys):
-  args = ['voc', f'--voc-root={VOC_MINI}', f'--data-dir={tmp_path}']
+  args = ['voc', f'--voc_root={VOC_MINI}', f'--data_dir={tmp_path}']
   assert prepare.main(args) == 0
   out = capsys.readouterr().out
   assert 'train: 14, val: 3' in out
@@ -44,21 +44,21 @@ def test_new_inputs_hint_then_overwrite(tmp_path, capsys):
     mask = np.array(Image.open(voc / 'SegmentationClass' / f'{image_id}.png'))
     Image.fromarray(mask, 'L').save(aug / f'{image_id}.png')
   out_dir = tmp_path / 'out'
-  base = ['voc', f'--voc-root={voc}', f'--data-dir={out_dir}']
+  base = ['voc', f'--voc_root={voc}', f'--data_dir={out_dir}']
   assert prepare.main(base) == 0
   capsys.readouterr()
-  assert prepare.main(base + [f'--seg-aug-root={aug}']) == 0
+  assert prepare.main(base + [f'--seg_aug_root={aug}']) == 0
   out = capsys.readouterr().out
   assert "inputs for ['train_aug'] are now available" in out
-  assert prepare.main(base + [f'--seg-aug-root={aug}', '--overwrite']) == 0
+  assert prepare.main(base + [f'--seg_aug_root={aug}', '--overwrite']) == 0
   out = capsys.readouterr().out
   # VOC train (14 ids) U SegAug masks - VOC val.
   assert 'train: 14, train_aug: 14, val: 3' in out
 
 
 def test_coco_command(tmp_path, capsys):
-  args = ['coco', f'--coco-root={DATA / "coco_mini"}', '--class-set=non_voc',
-          f'--data-dir={tmp_path}']
+  args = ['coco', f'--coco_root={DATA / "coco_mini"}', '--class_set=non_voc',
+          f'--data_dir={tmp_path}']
   assert prepare.main(args) == 0
   out = capsys.readouterr().out
   assert 'non_voc_train2017_val2017: prepared' in out
@@ -69,26 +69,26 @@ def test_coco_command(tmp_path, capsys):
 
 def test_missing_roots_exit_nonzero(tmp_path, capsys):
   missing = tmp_path / 'no_voc'
-  assert prepare.main(['voc', f'--voc-root={missing}',
-                       f'--data-dir={tmp_path}']) == 2
+  assert prepare.main(['voc', f'--voc_root={missing}',
+                       f'--data_dir={tmp_path}']) == 2
   err = capsys.readouterr().err
   assert str(missing) in err and 'JPEGImages' in err
-  assert prepare.main(['voc', f'--voc-root={VOC_MINI}',
-                       f'--sbd-root={tmp_path / "no_sbd"}',
-                       f'--data-dir={tmp_path}']) == 2
+  assert prepare.main(['voc', f'--voc_root={VOC_MINI}',
+                       f'--sbd_root={tmp_path / "no_sbd"}',
+                       f'--data_dir={tmp_path}']) == 2
   assert 'no_sbd' in capsys.readouterr().err
-  assert prepare.main(['coco', f'--coco-root={missing}',
-                       f'--data-dir={tmp_path}']) == 2
+  assert prepare.main(['coco', f'--coco_root={missing}',
+                       f'--data_dir={tmp_path}']) == 2
   assert str(missing) in capsys.readouterr().err
   with pytest.raises(SystemExit):   # argparse: exclusive options
-    prepare.main(['voc', f'--voc-root={VOC_MINI}', '--sbd-root=a',
-                  '--seg-aug-root=b'])
+    prepare.main(['voc', f'--voc_root={VOC_MINI}', '--sbd_root=a',
+                  '--seg_aug_root=b'])
 
 
 def test_module_entry_point(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'wsss_jax.data.prepare', 'coco',
-       f'--coco-root={tmp_path / "absent"}', f'--data-dir={tmp_path}'],
+       f'--coco_root={tmp_path / "absent"}', f'--data_dir={tmp_path}'],
       capture_output=True, text=True, check=False, timeout=120)
   assert result.returncode == 2
   assert 'absent is not a directory' in result.stderr
@@ -99,9 +99,9 @@ def test_shapes_command_goes_through_registry(tmp_path, monkeypatch, capsys):
   small = defaults.shapes_data()
   small.shapes.update(image_size=32, num_train=4, num_val=2)
   monkeypatch.setattr(defaults, 'shapes_data', lambda aux=False: small)
-  assert prepare.main(['shapes', f'--data-dir={tmp_path}']) == 0
+  assert prepare.main(['shapes', f'--data_dir={tmp_path}']) == 0
   assert 'train: 4, val: 2' in capsys.readouterr().out
-  assert prepare.main(['shapes', f'--data-dir={tmp_path}']) == 0
+  assert prepare.main(['shapes', f'--data_dir={tmp_path}']) == 0
   assert 'already prepared' in capsys.readouterr().out
 
 
@@ -145,3 +145,11 @@ def test_features_match_schema():
   assert spec[schema.IMAGE_LABELS].shape == (20,)
   assert spec[schema.MASK].shape == (None, None, 1)
   assert spec[schema.IMAGE].encoding_format == 'jpeg'
+
+
+def test_dashed_flag_spellings_are_accepted_too(tmp_path):
+  assert prepare.main(['shapes', f'--data-dir={tmp_path}']) == 0
+  parsed = prepare._parser().parse_args(  # pylint: disable=protected-access
+      ['voc', '--voc-root=a', '--seg-aug-root=b', '--data-dir=c'])
+  assert (parsed.voc_root, parsed.seg_aug_root, parsed.data_dir) == (
+      'a', 'b', 'c')

@@ -1,4 +1,5 @@
 """Command line: python -m wsss_jax.main --config=configs/<name>.py[:<variant>]
+(or `wsss-train --config=<name>[:<variant>]`, the packaged config)
 
   --workdir=DIR          default runs/<name>[-<variant>]; rerun to resume
   --config.a.b=value     override any field (typos and wrong types rejected)
@@ -17,7 +18,8 @@ from wsss_jax import config_checks, run
 from wsss_jax.data import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/box_baseline.py[:variant].',
+    'config', None, 'Config file, e.g. configs/box_baseline.py[:variant], or a '
+    'packaged config name, e.g. box2seg[:variant].',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory (default: runs/<name>[-<variant>]).')
@@ -43,5 +45,10 @@ def main(argv):
   return 0
 
 
+def cli() -> None:
+  """The `wsss-train` console script."""
+  app.run(main, flags_parser=run.parse_command_line)
+
+
 if __name__ == '__main__':
-  sys.exit(app.run(main, flags_parser=run.parse_command_line))
+  cli()

@@ -18,18 +18,24 @@ from absl import app, flags
 
 from wsss_jax import config_checks, prediction, run
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory.')
-_IMAGES = flags.DEFINE_string('images', None, 'Folder of images.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder for the PNGs.')
-_STAGE = flags.DEFINE_string(
-    'stage', None, 'Training stage whose network to use (default: the one '
-    'the run evaluates).')
-_OVERLAYS = flags.DEFINE_bool('overlays', False,
-                              'Also write <out>/overlays/<stem>.jpg.')
-_BUCKET = flags.DEFINE_integer(
-    'bucket_multiple', 128, 'Images are padded to square buckets whose side '
-    'is a multiple of this (one compilation per bucket).')
-flags.mark_flags_as_required(['workdir', 'images', 'out'])
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined when the command starts (not at import), so that this module
+  and `wsss_jax.main`, which both have --workdir, import side by side."""
+  flags.DEFINE_string('workdir', None, 'A run directory.')
+  flags.DEFINE_string('images', None, 'Folder of images.')
+  flags.DEFINE_string('out', None, 'Output folder for the PNGs.')
+  flags.DEFINE_string(
+      'stage', None, 'Training stage whose network to use (default: the one '
+      'the run evaluates).')
+  flags.DEFINE_bool('overlays', False,
+                    'Also write <out>/overlays/<stem>.jpg.')
+  flags.DEFINE_integer(
+      'bucket_multiple', 128, 'Images are padded to square buckets whose '
+      'side is a multiple of this (one compilation per bucket).')
+  flags.mark_flags_as_required(['workdir', 'images', 'out'])
 
 _CONFIG_PREFIX = '--config.'
 _overrides: list[str] = []
@@ -51,9 +57,9 @@ def main(argv):
   run.start_command(argv)
   try:
     prediction.predict_folder(
-        _WORKDIR.value, _IMAGES.value, _OUT.value, stage=_STAGE.value,
-        overrides=_overrides, overlays=_OVERLAYS.value,
-        bucket_multiple=_BUCKET.value)
+        FLAGS.workdir, FLAGS.images, FLAGS.out, stage=FLAGS.stage,
+        overrides=_overrides, overlays=FLAGS.overlays,
+        bucket_multiple=FLAGS.bucket_multiple)
   except (prediction.PredictionError, config_checks.ConfigError,
           FileNotFoundError) as error:
     print(f'error: {error}', file=sys.stderr)
@@ -61,5 +67,11 @@ def main(argv):
   return 0
 
 
+def cli() -> None:
+  """The `wsss-predict` console script."""
+  _define_flags()
+  app.run(main, flags_parser=_parse)
+
+
 if __name__ == '__main__':
-  sys.exit(app.run(main, flags_parser=_parse))
+  cli()

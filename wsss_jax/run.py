@@ -85,13 +85,26 @@ def user_error_message(error: BaseException, argv: list[str] = ()) -> str:
   return text or type(outer).__name__
 
 
+def resolve_config_arg(arg: str) -> str:
+  """'--config=box2seg[:variant]' -> the packaged config's path (a bare
+  name that is not a file here); any other argument unchanged."""
+  from wsss_jax import configs  # pylint: disable=g-import-not-at-top
+  if not arg.startswith('--config='):
+    return arg
+  name, colon, variant = arg[len('--config='):].partition(':')
+  if (os.sep in name or name.endswith('.py') or os.path.exists(name)
+      or name not in configs.available()):
+    return arg
+  return f'--config={configs.path_of(name)}{colon}{variant}'
+
+
 def parse_command_line(argv: list[str]) -> list[str]:
   """absl flag parsing (as `app.run`'s `flags_parser`) that turns a bad flag,
   config field, value or variant into one line on stderr and exit status 2,
   not a traceback."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS([resolve_config_arg(arg) for arg in argv])
   except Exception as error:  # pylint: disable=broad-except
     # config_flags reports typos, wrong types and config-file errors as
     # assorted exception types, often wrapped.

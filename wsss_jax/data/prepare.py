@@ -2,13 +2,13 @@
 
 Command line (see `--help`):
 
-  python -m wsss_jax.data.prepare voc --voc-root=.../VOCdevkit/VOC2012 \
-      [--sbd-root=.../benchmark_RELEASE/dataset
-       | --seg-aug-root=.../SegmentationClassAug]
-  python -m wsss_jax.data.prepare coco --coco-root=... [--class-set=non_voc]
+  python -m wsss_jax.data.prepare voc --voc_root=.../VOCdevkit/VOC2012 \
+      [--sbd_root=.../benchmark_RELEASE/dataset
+       | --seg_aug_root=.../SegmentationClassAug]
+  python -m wsss_jax.data.prepare coco --coco_root=... [--class_set=non_voc]
   python -m wsss_jax.data.prepare shapes [--family=main|aux|hard|pretrain]
 
-Every form takes `--data-dir` (default: $WSSS_JAX_DATA_DIR or
+Every form takes `--data_dir` (default: $WSSS_JAX_DATA_DIR or
 ~/.cache/wsss_jax/datasets).  Preparing is idempotent: a dataset already
 prepared is left alone (say `--overwrite` to rebuild it, e.g. after adding SBD).
 The raw roots are not part of a dataset's identity: once prepared, a dataset
@@ -247,6 +247,14 @@ def _format_counts(counts: dict[str, int]) -> str:
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
+def _flag(parser, name: str, **kwargs):
+  """`--name` in the underscore style of every wsss_jax command, with the
+  dashed spelling (`--voc_root`) accepted too."""
+  dashed = name.replace('_', '-')
+  names = [f'--{name}'] + ([f'--{dashed}'] if dashed != name else [])
+  return parser.add_argument(*names, dest=name, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m wsss_jax.data.prepare',
@@ -254,38 +262,38 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='dataset', required=True)
 
   voc = sub.add_parser('voc', help='PASCAL VOC 2012 (+ SBD).')
-  voc.add_argument('--voc-root', required=True,
+  _flag(voc, 'voc_root', required=True,
                    help='.../VOCdevkit/VOC2012')
   aug = voc.add_mutually_exclusive_group()
-  aug.add_argument('--sbd-root', default='',
+  _flag(aug, 'sbd_root', default='',
                    help='.../benchmark_RELEASE/dataset (cls/, inst/, '
                    'train.txt, val.txt)')
-  aug.add_argument('--seg-aug-root', default='',
+  _flag(aug, 'seg_aug_root', default='',
                    help='a ready SegmentationClassAug/ folder')
 
   coco = sub.add_parser('coco', help='MS-COCO instances.')
-  coco.add_argument('--coco-root', required=True,
+  _flag(coco, 'coco_root', required=True,
                     help='folder holding annotations/ and the image folders '
                     '(directly or under images/)')
-  coco.add_argument('--class-set', default='all', choices=('all', 'non_voc'))
+  _flag(coco, 'class_set', default='all', choices=('all', 'non_voc'))
   for split in ('train', 'val'):
-    coco.add_argument(f'--{split}-images', default=f'{split}2017')
-    coco.add_argument(f'--{split}-annotations',
+    _flag(coco, f'{split}_images', default=f'{split}2017')
+    _flag(coco, f'{split}_annotations',
                       default=f'annotations/instances_{split}2017.json')
 
   shapes = sub.add_parser('shapes', help='the synthetic benchmark.')
-  shapes.add_argument('--family', default='main',
+  _flag(shapes, 'family', default='main',
                       choices=('main', 'aux', 'hard', 'pretrain'),
                       help="'aux': the auxiliary shape family (LPG); 'hard': "
                       'the main classes on GrabCut-hard scenes (Box2Seg); '
                       "'pretrain': the backbone pretraining classes")
 
   for p in (voc, coco, shapes):
-    p.add_argument('--data-dir', default='',
+    _flag(p, 'data_dir', default='',
                    help='output root (default: $WSSS_JAX_DATA_DIR or '
                    '~/.cache/wsss_jax/datasets)')
   for p in (voc, coco):
-    p.add_argument('--overwrite', action='store_true',
+    _flag(p, 'overwrite', action='store_true',
                    help='rebuild even if already prepared')
   return parser
 
@@ -303,18 +311,18 @@ def _config(args: argparse.Namespace) -> Any:
   if args.dataset == 'voc':
     config = defaults.voc_data()
     config.voc.voc_root = _require_dir(
-        args.voc_root, '--voc-root', 'JPEGImages/, SegmentationClass/, '
+        args.voc_root, '--voc_root', 'JPEGImages/, SegmentationClass/, '
         'Annotations/ and ImageSets/Segmentation/')
     if args.sbd_root:
       config.voc.sbd_root = _require_dir(
-          args.sbd_root, '--sbd-root', 'cls/, inst/, train.txt and val.txt')
+          args.sbd_root, '--sbd_root', 'cls/, inst/, train.txt and val.txt')
     if args.seg_aug_root:
       config.voc.seg_aug_root = _require_dir(
-          args.seg_aug_root, '--seg-aug-root', '<image id>.png class masks')
+          args.seg_aug_root, '--seg_aug_root', '<image id>.png class masks')
   elif args.dataset == 'coco':
     config = defaults.coco_data(args.class_set)
     config.coco.root = _require_dir(
-        args.coco_root, '--coco-root', 'annotations/ and image folders')
+        args.coco_root, '--coco_root', 'annotations/ and image folders')
     config.coco.train_images = args.train_images
     config.coco.val_images = args.val_images
     config.coco.train_annotations = args.train_annotations

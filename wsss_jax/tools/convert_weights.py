@@ -25,11 +25,11 @@ Layouts (source names -> wsss_jax modules, see `wsss_jax.models.vgg/resnet`):
 Conversions: conv weight OIHW -> kernel HWIO (a 2-D [out, in] weight becomes a
 1x1 kernel), BN weight/bias/running_mean/running_var -> scale/bias/mean/var;
 scale/bias go to `batch_stats` for frozen BN (default) or `params`
-(`--bn=trainable`), mean/var always to `batch_stats`.  `--caffe-bn` divides
+(`--bn=trainable`), mean/var always to `batch_stats`.  `--caffe_bn` divides
 BN mean/var by the caffe scale-factor blob, stored as `<bn>.scale_factor`.
 Channel order is kept: caffe-trained weights expect BGR input, which is what
 `wsss_jax.ops.image.normalize_images(..., 'caffe')` produces.
-`--flip-first-conv` reverses the first conv's input channels instead (for
+`--flip_first_conv` reverses the first conv's input channels instead (for
 feeding RGB to BGR-trained weights, or the reverse).
 
 The result is checked against the wsss_jax model built from the shapes found
@@ -235,7 +235,7 @@ def convert_state_dict(state: Mapping[str, Any], layout: str, *,
   if unrecognised and not allow_unrecognised:
     raise ConversionError(
         f'{len(unrecognised)} source keys do not fit layout {layout!r} '
-        f'(wrong --layout? caffe scale factors need --caffe-bn): '
+        f'(wrong --layout? caffe scale factors need --caffe_bn): '
         + ', '.join(unrecognised[:20]))
   unused += [(key, 'unrecognised') for key in unrecognised]
   if caffe_bn:
@@ -254,7 +254,7 @@ def _apply_caffe_factors(out: dict, factors: Mapping[str, np.ndarray]) -> None:
                 if key.startswith('batch_stats/') and key.endswith('/mean')}
   lacking = sorted(bn_modules - set(factors))
   if lacking:
-    raise ConversionError(f'--caffe-bn: no scale_factor for BN modules '
+    raise ConversionError(f'--caffe_bn: no scale_factor for BN modules '
                           f'{lacking[:20]}')
   for module, factor in factors.items():
     factor = float(np.asarray(factor).reshape(-1)[0])
@@ -262,7 +262,7 @@ def _apply_caffe_factors(out: dict, factors: Mapping[str, np.ndarray]) -> None:
     for name in ('mean', 'var'):
       key = f'batch_stats/{module}/{name}'
       if key not in out:
-        raise ConversionError(f'--caffe-bn: scale factor for {module} without '
+        raise ConversionError(f'--caffe_bn: scale factor for {module} without '
                               f'running_{name}')
       out[key] = (out[key] * multiplier).astype(np.float32)
 
@@ -272,7 +272,7 @@ def _flip_first_conv(out: dict) -> bool:
   key = next((k for k in ('params/backbone/conv1_1/kernel',
                           'params/backbone/conv1/kernel') if k in out), None)
   if key is None:
-    raise ConversionError('--flip-first-conv: the input has no first conv')
+    raise ConversionError('--flip_first_conv: the input has no first conv')
   if out[key].shape[2] != 3:
     raise ConversionError(f'{key}: first conv has {out[key].shape[2]} input '
                           f'channels, cannot reverse their order')
@@ -409,15 +409,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--output', required=True, help='.npz to write')
   parser.add_argument('--report', action='store_true',
                       help='print the full JSON report')
-  parser.add_argument('--caffe-bn', '--caffe_bn', dest='caffe_bn',
+  parser.add_argument('--caffe_bn', '--caffe-bn', dest='caffe_bn',
                       action='store_true',
                       help='divide BN mean/var by <bn>.scale_factor')
   parser.add_argument('--bn', choices=('frozen', 'trainable'), default='frozen',
                       help='collection of BN scale/bias (batch_stats/params)')
-  parser.add_argument('--flip-first-conv', '--flip_first_conv',
+  parser.add_argument('--flip_first_conv', '--flip-first-conv',
                       dest='flip_first_conv', action='store_true',
                       help="reverse the first conv's input channels (BGR<->RGB)")
-  parser.add_argument('--allow-unrecognised', '--allow_unrecognised',
+  parser.add_argument('--allow_unrecognised', '--allow-unrecognised',
                       dest='allow_unrecognised', action='store_true')
   args = parser.parse_args(argv)
   try:

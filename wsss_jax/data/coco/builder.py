@@ -154,7 +154,7 @@ def resolve_paths(coco_config) -> tuple[dict[str, tuple[str, str]], list[str]]:
   if not root:
     raise DatasetError(
         'config.data.coco.root is empty; set it or run '
-        '`python -m wsss_jax.data.prepare coco --coco-root=...`.')
+        '`python -m wsss_jax.data.prepare coco --coco_root=...`.')
   if not os.path.isdir(root):
     raise DatasetError(f'COCO root {root} does not exist; expected a folder '
                        'with annotations/instances_*.json and image folders.')

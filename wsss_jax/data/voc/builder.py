@@ -102,7 +102,7 @@ def discover(voc_root: str, sbd_root: str = '', seg_aug_root: str = '') -> Plan:
   if not voc_root:
     raise DatasetError(
         'config.data.voc.voc_root is empty; set it to .../VOCdevkit/VOC2012 or '
-        'run `python -m wsss_jax.data.prepare voc --voc-root=...`.')
+        'run `python -m wsss_jax.data.prepare voc --voc_root=...`.')
   for name in ('JPEGImages', _SEG_LISTS):
     if not os.path.isdir(os.path.join(voc_root, name)):
       raise DatasetError(f'{os.path.join(voc_root, name)} does not exist; '
