@@ -66,12 +66,15 @@ def spread_rows(first: Sequence[dict[str, Any]],
 
 
 def markdown(rows: Sequence[dict[str, Any]], key: str) -> str:
-  lines = [f'| variant | {key}, first order | second order | rounding spread '
-           '| paired seeds |', '| --- | --- | --- | --- | --- |']
+  """The table; 'all runs' pools both orders (seeds x orders runs)."""
+  lines = [f'| variant | {key}, first order | second order | all runs | '
+           'rounding spread | paired seeds |',
+           '| --- | --- | --- | --- | --- | --- |']
   for row in rows:
     spread = '–' if row['spread'] is None else f"{row['spread']:.2f}"
     lines.append(f"| {row['variant']} | {_mean_sd(row['first'])} | "
-                 f"{_mean_sd(row['second'])} | {spread} | "
+                 f"{_mean_sd(row['second'])} | "
+                 f"{_mean_sd(row['first'] + row['second'])} | {spread} | "
                  f"{', '.join(str(s) for s in row['seeds'])} |")
   return '\n'.join(lines)
 
