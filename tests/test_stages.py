@@ -123,8 +123,10 @@ def _trainer(name, calls, weights_from=None):
 
 
 def _pipeline(calls, weight):
+  evaluate = _stage('evaluate', calls, ('scores.txt',))
   return [_trainer('train', calls, lambda: weight[0]),
-          _stage('evaluate', calls)]
+          stages.Stage('evaluate', evaluate.run, outputs=evaluate.outputs,
+                       network=stages.Network('train', None))]
 
 
 def _run(tmp_path, pipeline, fields, previous=None):
@@ -174,6 +176,8 @@ def test_other_training_changes_restart_and_keep_the_old_training(tmp_path):
   assert records[0]['results']['resumed'] is False   # started over
   kept = list(tmp_path.glob('train.replaced-*'))
   assert len(kept) == 1 and (kept[0] / 'model.npz').exists()
+  # An evaluation is redone in place: it trains nothing worth keeping.
+  assert not list(tmp_path.glob('evaluate.replaced-*'))
   calls.clear()               # fewer steps is not a continuation either
   records = _run(tmp_path, _pipeline(calls, weight),
                  dict(FIELDS, **{'optim.lr': 0.2, 'train.num_steps': 5}))
@@ -224,3 +228,27 @@ def test_markers_without_a_recorded_config(tmp_path):
   records = _run(tmp_path, _pipeline(calls, weight),
                  dict(FIELDS, **{'eval.crf': True}), previous=FIELDS)
   assert [r['status'] for r in records] == ['skipped', 'done']
+
+
+def test_a_stage_built_from_its_own_config_compares_that_config(tmp_path):
+  """BANA's Labeler trains with its own step count: raising the run's
+  train.num_steps leaves it alone."""
+  calls = []
+  labeler = _trainer('classifier', calls)
+  own = {'train.num_steps': 50, 'optim.lr': 0.1}
+
+  def own_fields(stage):
+    return own if stage.name == 'classifier' else None
+
+  def run_with(fields):
+    return stages.run_stages([labeler, _stage('labels', calls)],
+                             stages.StageContext(str(tmp_path)), fields,
+                             None, own_fields)
+  run_with(FIELDS)
+  calls.clear()
+  records = run_with(dict(FIELDS, **{'train.num_steps': 99}))
+  assert records[0]['status'] == 'skipped' and calls == ['labels']
+  own['optim.lr'] = 0.3          # its own field: it reruns (same weights here,
+  calls.clear()                  # so what follows does not)
+  run_with(dict(FIELDS, **{'train.num_steps': 99}))
+  assert calls == ['classifier']

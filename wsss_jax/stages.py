@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from wsss_jax.atomic import write_json_atomic
+from wsss_jax.training import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +142,16 @@ def _describe(changes: list[str], old, new, limit: int = 6) -> str:
                  else '')
 
 
+def _trains(stage: Stage) -> bool:
+  """Whether the stage trains its network (an evaluation only scores one)."""
+  return stage.network is not None and stage.network.stage == stage.name
+
+
 def _digest(stage: Stage, stage_dir: str) -> str | None:
   """sha256 over a training stage's weight arrays (None for other stages):
   tells whether a redone stage changed what later stages read.  The arrays,
   not the file: a rewritten .npz differs in its zip time stamps."""
-  if stage.network is None:
+  if not _trains(stage):
     return None
   path = os.path.join(stage_dir, 'model.npz')
   if not os.path.exists(path):
@@ -208,7 +214,7 @@ def _set_aside(stage: Stage, stage_dir: str) -> str | None:
   another name (never lose a training), others are deleted."""
   if not os.listdir(stage_dir):
     return None
-  if stage.network is None:
+  if not _trains(stage):
     shutil.rmtree(stage_dir)
     os.makedirs(stage_dir)
     return None
@@ -272,6 +278,8 @@ def run_stages(stages: list[Stage], context: StageContext,
                   if kept else '')
     else:
       log.info('Stage %r: %s', stage.name, stage.description or 'running')
+    if action != 'run':         # the primary cleared what the others read
+      mesh_lib.barrier(f'stage-{stage.name}-{action}')
     current = None if fields is None else _fields_for(
         stage, fields if own is None else own)
     if primary and current is not None:
