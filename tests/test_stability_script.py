@@ -101,3 +101,11 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads((out / 'stability_supervised-tiny.json').read_text())[
       'val_miou'] == payload['val_miou']
+
+
+def test_main_jobs_log_statistics(tmp_path):
+  import main_jobs  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'job.log'
+  path.write_bytes(b'a line\nbar 1%\rbar 2%\rbar 100%\nlast\n')
+  assert main_jobs.log_stats(str(path)) == {
+      'log_bytes': 35, 'carriage_returns': 2, 'longest_line': 8}

@@ -150,10 +150,14 @@ def cache_key(config, num_devices: int) -> str:
   return f'{SHAPES_PRETRAIN}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}'
 
 
+# Where pretrained backbones are cached, under the data folder.
+CACHE_DIR = 'pretrained'
+
+
 def cache_dir(config, num_devices: int) -> str:
   root = (config.data.data_dir if config.data.name.startswith('shapes')
           and config.data.data_dir else registry.default_data_dir())
-  return os.path.join(root, 'pretrained', cache_key(config, num_devices))
+  return os.path.join(root, CACHE_DIR, cache_key(config, num_devices))
 
 
 @contextlib.contextmanager
