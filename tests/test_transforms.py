@@ -508,3 +508,16 @@ def test_memory_cache_reads_each_record_once_within_its_budget():
   clone = pickle.loads(pickle.dumps(cache))   # a grain worker's copy
   assert clone._records == {}          # pylint: disable=protected-access
   assert pipeline.cached(source, 0) is source
+
+
+def test_pad_image_batch_pads_bottom_right_and_fills_the_rest():
+  a = np.full((2, 3, 3), 9, np.uint8)
+  b = np.full((4, 1, 3), 5, np.uint8)
+  batch = T.pad_image_batch([a, b], 4, 3, (1, 2, 3))
+  assert batch.shape == (3, 4, 4, 3)
+  assert (batch[0, :2, :3] == 9).all() and (batch[0, 2:] == (1, 2, 3)).all()
+  assert (batch[0, :2, 3] == (1, 2, 3)).all()
+  assert (batch[1, :, :1] == 5).all() and (batch[1, :, 1:] == (1, 2, 3)).all()
+  assert (batch[2] == (1, 2, 3)).all()
+  with pytest.raises(ValueError, match='larger than the bucket'):
+    T.pad_image_batch([np.zeros((5, 1, 3), np.uint8)], 4, 1)

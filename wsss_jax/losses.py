@@ -21,10 +21,11 @@ def safe_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def multilabel_soft_margin(scores: jax.Array, targets: jax.Array) -> jax.Array:
-  """The multi-label classification loss of CAM classifiers (PyTorch's
-  MultiLabelSoftMarginLoss, which RRM's and PMM's classification branches
-  use): the mean over classes and the batch of
-  −[y log σ(s) + (1 − y) log σ(−s)].
+  """The multi-label classification loss of CAM classifiers: RRM's
+  L_class (Sect. "Overview", unnumbered: L = L_class + L_joint_seg, and
+  Algorithm 1 line 8), which the paper calls a softmax loss while its code and
+  PMM's use PyTorch's MultiLabelSoftMarginLoss: the mean over classes and
+  the batch of −[y log σ(s) + (1 − y) log σ(−s)] (docs/rrm.md).
 
   Args:
     scores: (B, K) float logits (e.g. globally average-pooled class maps).

@@ -31,7 +31,7 @@ from PIL import Image
 from wsss_jax import progress as progress_lib
 from wsss_jax import config_checks, config_io, methods, runtime, segmentation
 from wsss_jax.atomic import write_json_atomic
-from wsss_jax.data import label_png, registry, schema
+from wsss_jax.data import label_png, registry, schema, transforms
 from wsss_jax.evaluation import inference
 from wsss_jax.host import crf as crf_lib
 from wsss_jax.host.pool import HostPool
@@ -241,7 +241,6 @@ def predict_folder(workdir: str, images: str, out: str, *,
   os.makedirs(out, exist_ok=True)
   if overlays:
     os.makedirs(os.path.join(out, OVERLAY_DIR), exist_ok=True)
-  pad = np.asarray(rt.pad_color, np.uint8)
   pending: collections.deque[tuple[str, np.ndarray]] = collections.deque()
   written = 0
 
@@ -276,10 +275,8 @@ def predict_folder(workdir: str, images: str, out: str, *,
                 desc='predict host', progress=False) as pool:
     in_flight = None
     for side, batch in _batches(images, files, sides, batch_size, skipped):
-      padded = np.empty((batch_size, side, side, 3), np.uint8)
-      padded[...] = pad
-      for i, (_, image) in enumerate(batch):
-        padded[i, :image.shape[0], :image.shape[1]] = image
+      padded = transforms.pad_image_batch([image for _, image in batch], side,
+                                          batch_size, rt.pad_color)
       outputs = predict(variables, mesh_lib.device_batch(
           {schema.IMAGE: padded}, rt.mesh)[schema.IMAGE])    # async dispatch
       if in_flight is not None:

@@ -22,8 +22,7 @@ import numpy as np
 
 from wsss_jax import losses
 from wsss_jax.atomic import json_safe
-from wsss_jax.data import pipeline, schema
-from wsss_jax.data import label_png
+from wsss_jax.data import label_png, pipeline, schema, transforms
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.evaluation import inference, metrics
 from wsss_jax.pseudo import engine as label_engine
@@ -286,12 +285,9 @@ def validation_preview(rt: Runtime, model, count: int = 4
   side = int(np.ceil(max(max(e[schema.IMAGE].shape[:2]) for e in examples)
                      / 8) * 8)
   devices = rt.mesh.devices.size
-  batch = -(-len(examples) // devices) * devices
-  images = np.empty((batch, side, side, 3), np.uint8)
-  images[...] = np.asarray(rt.pad_color, np.uint8)
-  for i, example in enumerate(examples):
-    height, width = example[schema.IMAGE].shape[:2]
-    images[i, :height, :width] = example[schema.IMAGE]
+  images = transforms.pad_image_batch(
+      [e[schema.IMAGE] for e in examples], side,
+      -(-len(examples) // devices) * devices, rt.pad_color)
   predict = inference.make_predictor(model, rt.normalization,
                                      compute_dtype=rt.compute_dtype,
                                      mesh=rt.mesh)

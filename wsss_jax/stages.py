@@ -94,18 +94,21 @@ MARKER = 'stage.json'
 STARTED = 'stage_started.json'
 
 
-def _read_marker(stage_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(stage_dir, MARKER)
+def _read_json(path: str) -> dict[str, Any] | None:
+  """The JSON object at `path`; None if absent or unreadable (logged)."""
   if not os.path.exists(path):
     return None
   try:
     with open(path) as f:
-      marker = json.load(f)
+      return json.load(f)
   except (OSError, json.JSONDecodeError):
-    log.warning('Unreadable stage marker %s: the stage will run again.',
-                    path)
+    log.warning('Unreadable stage file %s: the stage will run again.', path)
     return None
-  return marker if marker.get('status') == 'done' else None
+
+
+def _read_marker(stage_dir: str) -> dict[str, Any] | None:
+  marker = _read_json(os.path.join(stage_dir, MARKER))
+  return marker if marker and marker.get('status') == 'done' else None
 
 
 def is_complete(stage: Stage, stage_dir: str) -> bool:
@@ -113,14 +116,6 @@ def is_complete(stage: Stage, stage_dir: str) -> bool:
     return False
   return all(os.path.exists(os.path.join(stage_dir, out))
              for out in stage.outputs)
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None
 
 
 def _under(field: str, prefixes: tuple[str, ...]) -> bool:

@@ -248,6 +248,24 @@ def pad_to(example: Example, size: int | Sequence[int],
   return _place(example, (out_h, out_w), 0, 0, image_pad_value, label_keys)
 
 
+def pad_image_batch(images: Sequence[np.ndarray], size: int, batch_size: int,
+                    image_pad_value: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+  """uint8 (batch_size, size, size, 3): each (H_i, W_i, 3) image padded
+  bottom/right like `pad_to`, the rows after the images all pad colour (a
+  fixed shape, so a jitted predictor compiles once per size)."""
+  if len(images) > batch_size:
+    raise ValueError(f'{len(images)} images for a batch of {batch_size}.')
+  batch = np.empty((batch_size, size, size, 3), np.uint8)
+  batch[:] = _pad_colour(image_pad_value)
+  for i, image in enumerate(images):
+    height, width = image.shape[:2]
+    if height > size or width > size:
+      raise ValueError(f'Image {i} is {height}x{width}, larger than the '
+                       f'bucket {size}x{size}.')
+    batch[i, :height, :width] = image
+  return batch
+
+
 def hflip(example: Example, label_keys: Sequence[str] = ()) -> Example:
   """Horizontal flip of the image, label maps and `valid`; box x -> W - x
   (x0 and x1 swap, exact in the edge convention).  Boxes become float32."""

@@ -92,9 +92,13 @@ def first_non_finite(metrics: list[tuple[int, dict[str, Any]]]
   return None
 
 
+def format_scalars(scalars: dict[str, float]) -> str:
+  """'ce=0.41 loss=0.5 lr=0.001' (sorted, 4 significant digits)."""
+  return ' '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items()))
+
+
 def describe(step: int, scalars: dict[str, float]) -> str:
-  parts = [f'{k}={v:.4g}' for k, v in sorted(scalars.items())]
-  return f'step {step}: ' + ' '.join(parts)
+  return f'step {step}: ' + format_scalars(scalars)
 
 
 def log_line(stage: str, step: int, scalars: dict[str, float]) -> None:

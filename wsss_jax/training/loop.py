@@ -95,7 +95,7 @@ def progress_line(step: int, num_steps: int, scalars: dict[str, float],
   """'step 200/700 (29%): loss=0.41 lr=0.00093 | 4.8 step/s, 38 img/s |
   ETA 1:44' (rates and ETA once a steady window was timed)."""
   line = (f'step {step}/{num_steps} ({100 * step // max(num_steps, 1)}%): '
-          + ' '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items())))
+          + history_lib.format_scalars(scalars))
   if steps_per_second:
     line += f' | {steps_per_second:.3g} step/s'
     if images_per_step:
