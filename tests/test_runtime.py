@@ -36,3 +36,19 @@ def test_with_config_keeps_the_dataset_and_refuses_another():
     other.data.name = 'shapes_aux'
   with pytest.raises(ValueError, match='with_data'):
     rt.with_config(other)
+
+
+def test_allocator_settings_apply_on_import_and_can_be_turned_off():
+  import subprocess
+  import sys
+  code = ('import wsss_jax; from wsss_jax.host import allocator; '
+          'print(sorted(allocator.keep_freed_memory().items()))')
+  default = subprocess.run([sys.executable, '-c', code], check=True,
+                           capture_output=True, text=True).stdout.strip()
+  off = subprocess.run(
+      [sys.executable, '-c', code], check=True, capture_output=True,
+      text=True, env={**os.environ, 'WSSS_JAX_MALLOC_TUNING': '0'}
+  ).stdout.strip()
+  assert off == '[]'
+  if sys.platform.startswith('linux'):       # glibc: all three accepted
+    assert default == '[(-8, 1), (-4, 0), (-1, 2147483647)]'

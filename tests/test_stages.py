@@ -252,3 +252,92 @@ def test_a_stage_built_from_its_own_config_compares_that_config(tmp_path):
   calls.clear()                  # so what follows does not)
   run_with(dict(FIELDS, **{'train.num_steps': 99}))
   assert calls == ['classifier']
+
+
+# ----------------------------------------------------------------------------
+# Side stages
+# ----------------------------------------------------------------------------
+def _threaded_stage(name, log, *, side=False, waits_for=(), gate=None,
+                    wait_on=None, fail=False):
+  """Records (name, thread name); with `wait_on`, blocks until that event is
+  set (by a stage in the other thread) — the test deadlocks, and times out,
+  unless the two really run at once."""
+  def run(context, stage_dir):  # pylint: disable=unused-argument
+    import threading
+    log.append((name, threading.current_thread().name))
+    if wait_on is not None:
+      assert wait_on.wait(timeout=20), f'{name}: the other lane never ran'
+    if gate is not None:
+      gate.set()
+    if fail:
+      raise RuntimeError(f'{name} failed')
+    return {'seen': sorted(context.results)}
+  return stages.Stage(name, run, side=side, waits_for=waits_for)
+
+
+def test_side_stages_run_beside_the_main_line(tmp_path):
+  import threading
+  started = threading.Event()
+  log = []
+  pipeline = [
+      _threaded_stage('first', log),
+      _threaded_stage('side_a', log, side=True, gate=started),
+      _threaded_stage('side_b', log, side=True),
+      # Blocks until side_a ran: only possible if side_a is in another thread.
+      _threaded_stage('main', log, wait_on=started),
+      _threaded_stage('last', log, waits_for=('side_b',)),
+  ]
+  records = stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
+  assert [r['name'] for r in records] == [s.name for s in pipeline]
+  threads = dict(log)
+  assert threads['side_a'] == threads['side_b'] == 'side-stages'
+  assert threads['first'] == threads['main'] == threads['last']
+  assert threads['main'] != 'side-stages'
+  # The side stages saw what was listed before them; `last` saw side_b.
+  by_name = {r['name']: r['results'] for r in records}
+  assert 'first' in by_name['side_a']['seen']
+  assert 'side_b' in by_name['last']['seen']
+  # Complete: a rerun skips all of them, side stages included.
+  again = stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
+  assert {r['status'] for r in again} == {'skipped'}
+
+
+def test_side_stages_run_inline_when_turned_off(tmp_path, monkeypatch):
+  monkeypatch.setenv(stages.SIDE_STAGES_ENV, '0')
+  log = []
+  pipeline = [_threaded_stage('first', log),
+              _threaded_stage('side', log, side=True),
+              _threaded_stage('main', log)]
+  stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
+  assert [name for name, _ in log] == ['first', 'side', 'main']
+  assert len({thread for _, thread in log}) == 1
+
+
+def test_a_failing_side_stage_fails_the_run_and_keeps_no_marker(tmp_path):
+  log = []
+  pipeline = [_threaded_stage('side', log, side=True, fail=True),
+              _threaded_stage('after', log, side=True),
+              _threaded_stage('main', log)]
+  with pytest.raises(RuntimeError, match='side failed'):
+    stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
+  assert not os.path.exists(tmp_path / 'side' / stages.MARKER)
+  # The side stage after the failed one did not run.
+  assert 'after' not in dict(log)
+  # The main line finished its own stage meanwhile; a rerun redoes the rest.
+  assert os.path.exists(tmp_path / 'main' / stages.MARKER)
+  log.clear()
+  pipeline[0] = _threaded_stage('side', log, side=True)
+  records = stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
+  assert [r['status'] for r in records] == ['done', 'done', 'skipped']
+
+
+def test_waiting_for_a_stage_that_is_not_an_earlier_side_stage_is_refused(
+    tmp_path):
+  log = []
+  for pipeline in ([_threaded_stage('a', log),
+                    _threaded_stage('b', log, waits_for=('a',))],
+                   [_threaded_stage('b', log, waits_for=('s',)),
+                    _threaded_stage('s', log, side=True)]):
+    with pytest.raises(ValueError, match='not side stages listed before'):
+      stages.run_stages(pipeline, stages.StageContext(str(tmp_path)))
+  assert not log

@@ -73,3 +73,16 @@ def test_one_events_file_per_stage_with_scalars_config_and_images(
   lines = [r.getMessage() for r in caplog.records
            if r.getMessage().startswith('[train] step 2/2 (100%)')]
   assert lines and 'lr=' in lines[0] and 'step/s' in lines[0]
+
+
+def test_progress_bars_are_drawn_only_from_the_main_thread(monkeypatch):
+  import threading
+  from wsss_jax import progress
+  monkeypatch.setenv(progress.PROGRESS_ENV, '1')
+  assert progress.bars_enabled()
+  seen = []
+  thread = threading.Thread(target=lambda: seen.append(
+      progress.bars_enabled()))
+  thread.start()
+  thread.join()
+  assert seen == [False]

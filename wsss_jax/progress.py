@@ -3,8 +3,8 @@
 A bar redraws its line with carriage returns: on a terminal that is what a
 user wants, in a log file (a job scheduler's stdout, `nohup`, CI) it leaves
 thousands of redraws on one line.  `bar` therefore draws only on a terminal
-and only on the primary process; `WSSS_JAX_PROGRESS=1` / `0` forces bars on
-or off.  Long loops also log plain lines (training: every `train.log_every`
+and only on the primary process's main thread; `WSSS_JAX_PROGRESS=1` /
+`0` forces bars on or off.  Long loops also log plain lines (training: every `train.log_every`
 steps, with throughput and ETA), so nothing is lost without bars.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import tqdm
 
@@ -26,7 +27,10 @@ def _primary() -> bool:
 
 
 def bars_enabled() -> bool:
-  """Whether progress bars are drawn in this process."""
+  """Whether progress bars are drawn here: in this process, and from its
+  main thread (a side stage's thread would draw over the main line's bar)."""
+  if threading.current_thread() is not threading.main_thread():
+    return False
   forced = os.environ.get(PROGRESS_ENV, '').strip().lower()
   if forced in ('1', 'true', 'yes', 'on'):
     return _primary()

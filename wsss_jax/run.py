@@ -176,11 +176,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   records = stages.run_stages(pipeline.stages, context, fields,
                               previous_fields, own_fields=_own_fields(config))
   session_s = time.time() - start
-  # Time to produce the results: each stage's wall time when it ran (so a
-  # rerun that skips every stage still reports the real cost) plus this
-  # session's time outside the stages.
-  ran_now = sum(r['wall_s'] for r in records if r['status'] == 'done')
-  wall_s = sum(r['wall_s'] for r in records) + max(0.0, session_s - ran_now)
+  # Time to produce the results: each main-line stage's wall time when it
+  # ran (so a rerun that skips every stage still reports the real cost)
+  # plus this session's time outside them (side stages ran beside them;
+  # what they took beyond the main line is in that rest).
+  main_line = [r for r in records if not r.get('side')]
+  ran_now = sum(r['wall_s'] for r in main_line if r['status'] == 'done')
+  wall_s = (sum(r['wall_s'] for r in main_line)
+            + max(0.0, session_s - ran_now))
   results = results_lib.assemble(rt, pipeline, records, wall_s, session_s)
   report_path = os.path.join(workdir, 'report.md')
   if mesh_lib.is_primary():

@@ -20,12 +20,15 @@ its own, with their folders under `<workdir>/round<k>/`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from typing import Any, Callable
 
@@ -79,6 +82,11 @@ class Stage:
       change the stage's outputs: a change there does not rerun it.
     extends: fields whose increase continues a finished stage from its own
       state (a training stage's 'train.num_steps') instead of redoing it.
+    side: a side stage reads the outputs of the stages listed before it,
+      and no later stage reads its outputs unless it names it in
+      `waits_for`: it runs in a thread beside them (`run_stages`).  BANA's
+      GAP Labeler, trained only for Table 1's comparison, is one.
+    waits_for: side stages listed earlier whose outputs this stage reads.
   """
   name: str
   run: Callable[[StageContext, str], dict[str, Any]]
@@ -87,6 +95,8 @@ class Stage:
   network: Network | None = None
   ignores: tuple[str, ...] = ()
   extends: tuple[str, ...] = ()
+  side: bool = False
+  waits_for: tuple[str, ...] = ()
 
 
 MARKER = 'stage.json'
@@ -223,29 +233,114 @@ def _set_aside(stage: Stage, stage_dir: str) -> str | None:
   return kept
 
 
+SIDE_STAGES_ENV = 'WSSS_JAX_SIDE_STAGES'
+
+
+def side_stages_enabled() -> bool:
+  """Whether side stages run in their own thread: yes in a single-process
+  run unless `WSSS_JAX_SIDE_STAGES=0` (then they run inline, in list
+  order); multi-host runs keep one order of collective barriers."""
+  off = os.environ.get(SIDE_STAGES_ENV, '').strip().lower() in (
+      '0', 'false', 'no', 'off')
+  return not off and jax.process_count() == 1
+
+
+def _check_order(stages: list[Stage]) -> None:
+  names = [stage.name for stage in stages]
+  if len(set(names)) != len(names):
+    raise ValueError(f'Stage names must be unique: {names}')
+  side_before: set[str] = set()
+  for stage in stages:
+    unknown = [name for name in stage.waits_for if name not in side_before]
+    if unknown:
+      raise ValueError(f'Stage {stage.name!r} waits for {unknown}, which are '
+                       'not side stages listed before it.')
+    if stage.side:
+      side_before.add(stage.name)
+
+
+class _SideLane:
+  """Runs side stages one after another in a daemon thread.
+
+  A daemon, so that a failing main line ends the process at once: a side
+  stage cut short is resumed by the next run like any interrupted stage.
+  """
+
+  def __init__(self, run_one: Callable[[Stage, str | None],
+                                       tuple[dict[str, Any], str | None]]):
+    self._run_one = run_one
+    self._jobs: queue.Queue = queue.Queue()
+    self.futures: dict[str, concurrent.futures.Future] = {}
+    self.changed: set[str] = set()      # side stages whose output changed
+    self._thread = threading.Thread(target=self._work, name='side-stages',
+                                    daemon=True)
+    self._thread.start()
+
+  def submit(self, stage: Stage, changed_upstream: str | None) -> None:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    self.futures[stage.name] = future
+    self._jobs.put((stage, changed_upstream, future))
+
+  def _work(self) -> None:
+    changed, failed = None, None
+    while (job := self._jobs.get()) is not None:
+      stage, upstream, future = job
+      if failed is not None:
+        future.set_exception(RuntimeError(
+            f'Stage {stage.name!r} did not run: the side stage {failed!r} '
+            'before it failed.'))
+        continue
+      try:
+        record, after = self._run_one(stage, upstream or changed)
+      except BaseException as error:  # pylint: disable=broad-except
+        failed = stage.name
+        future.set_exception(error)
+      else:
+        if after == stage.name:
+          self.changed.add(stage.name)
+        changed = after
+        future.set_result(record)
+
+  def raise_first_error(self) -> None:
+    for future in list(self.futures.values()):
+      if future.done() and future.exception() is not None:
+        raise future.exception()
+
+  def close(self) -> None:
+    self._jobs.put(None)
+
+
 def run_stages(stages: list[Stage], context: StageContext,
                fields: dict[str, Any] | None = None,
                previous_fields: dict[str, Any] | None = None,
                own_fields: Callable[[Stage], dict[str, Any] | None]
                = lambda stage: None) -> list[dict[str, Any]]:
   """Runs, skips, continues or redoes the stages in order; returns one
-  record per stage.
+  record per stage, in list order.
 
-  A record is {'name', 'status' ('done' | 'skipped'), 'wall_s', 'results'};
-  for a skipped stage, wall_s is the time it took when it ran.  With
+  A record is {'name', 'status' ('done' | 'skipped'), 'wall_s', 'side',
+  'results'}; for a skipped stage, wall_s is the time it took when it ran.  With
   `fields` (the flattened config, JSON values), each stage's marker records
   the fields it reads, and a later run redoes exactly the stages whose
   fields changed, plus those after a stage whose output changed
   (`plan_stage`; `own_fields(stage)` gives a stage's own fields when they
   are not the run's), logging which and why.
+
+  Side stages (`Stage.side`) run one after another in a thread beside the
+  stages listed after them (`side_stages_enabled`); a stage waits for the
+  side stages it names in `waits_for`, and the call returns when all are
+  done.  The host's cores then serve two stages at once: a training stage
+  alone leaves part of a CPU idle, a label stage part of the accelerator.
+  A stage computes the same numbers in either order (each has its own data,
+  random keys and network).  A side stage's changed output makes only the
+  later side stages stale.
   """
-  names = [stage.name for stage in stages]
-  if len(set(names)) != len(names):
-    raise ValueError(f'Stage names must be unique: {names}')
-  records = []
-  changed_upstream = None
+  _check_order(stages)
   primary = jax.process_index() == 0
-  for stage in stages:
+
+  def run_one(stage: Stage, changed_upstream: str | None
+              ) -> tuple[dict[str, Any], str | None]:
+    """(record, changed_upstream after the stage)."""
     stage_dir = context.stage_dir(stage.name)
     own = None if fields is None else own_fields(stage)
     action, reason = plan_stage(stage, stage_dir, fields, previous_fields,
@@ -255,24 +350,27 @@ def run_stages(stages: list[Stage], context: StageContext,
       log.info('Stage %r is complete (%s); skipping.', stage.name,
                    stage_dir)
       record = dict(name=stage.name, status='skipped',
-                    wall_s=marker.get('wall_s', 0.0),
+                    wall_s=marker.get('wall_s', 0.0), side=stage.side,
                     results=marker.get('results', {}))
       context.results[stage.name] = record['results']
-      records.append(record)
-      continue
+      return record, changed_upstream
     before = _digest(stage, stage_dir)
+    beside = (' (a side stage, beside the next ones)'
+              if threading.current_thread() is not threading.main_thread()
+              else '')
     if action == 'extend':
-      log.info('Stage %r continues from its last checkpoint: %s',
-               stage.name, reason)
+      log.info('Stage %r%s continues from its last checkpoint: %s',
+               stage.name, beside, reason)
       if primary:
         os.remove(os.path.join(stage_dir, MARKER))
     elif action == 'restart':
       kept = _set_aside(stage, stage_dir) if primary else None
-      log.warning('Stage %r reruns from the start: %s%s', stage.name,
-                  reason, f' (its previous outputs are kept in {kept})'
-                  if kept else '')
+      log.warning('Stage %r%s reruns from the start: %s%s', stage.name,
+                  beside, reason, f' (its previous outputs are kept in '
+                  f'{kept})' if kept else '')
     else:
-      log.info('Stage %r: %s', stage.name, stage.description or 'running')
+      log.info('Stage %r%s: %s', stage.name, beside,
+               stage.description or 'running')
     if action != 'run':         # the primary cleared what the others read
       mesh_lib.barrier(f'stage-{stage.name}-{action}')
     current = None if fields is None else _fields_for(
@@ -282,7 +380,8 @@ def run_stages(stages: list[Stage], context: StageContext,
     start = time.time()
     results = stage.run(context, stage_dir) or {}
     record = dict(name=stage.name, status='done',
-                  wall_s=round(time.time() - start, 2), results=results)
+                  wall_s=round(time.time() - start, 2), side=stage.side,
+                  results=results)
     if primary:
       marker = dict(record, description=stage.description)
       if current is not None:
@@ -295,8 +394,40 @@ def run_stages(stages: list[Stage], context: StageContext,
       if after is None or after != before:
         changed_upstream = stage.name
     context.results[stage.name] = record['results']
-    records.append(record)
-  return records
+    return record, changed_upstream
+
+  lane = (_SideLane(run_one) if side_stages_enabled()
+          and any(stage.side for stage in stages) else None)
+  records: dict[str, dict[str, Any]] = {}
+  changed_upstream = None     # the first main-line stage whose output changed
+  side_changed = None         # the same among side stages run inline
+  side_changed_names: set[str] = set()
+  try:
+    for stage in stages:
+      for name in stage.waits_for:
+        if lane is not None:
+          lane.futures[name].result()
+        if name in (lane.changed if lane is not None else side_changed_names):
+          changed_upstream = changed_upstream or name
+      if stage.side and lane is not None:
+        lane.submit(stage, changed_upstream)
+      elif stage.side:
+        records[stage.name], side_changed = run_one(
+            stage, changed_upstream or side_changed)
+        if side_changed == stage.name:
+          side_changed_names.add(stage.name)
+      else:
+        records[stage.name], changed_upstream = run_one(stage,
+                                                        changed_upstream)
+      if lane is not None:
+        lane.raise_first_error()   # fail fast: the main line's work is saved
+    if lane is not None:
+      records.update({name: future.result()
+                      for name, future in lane.futures.items()})
+  finally:
+    if lane is not None:
+      lane.close()
+  return [records[stage.name] for stage in stages]
 
 
 def round_name(round_no: int, name: str) -> str:

@@ -123,8 +123,8 @@ def write_report(rt: Runtime, workdir: str, pipeline: MethodPipeline,
       f"| skipped data files | {len(results['dataset']['skipped_files'])} |",
       '', '## Stages', '', '| stage | status | wall (s) |',
       '| --- | --- | --- |']
-  lines += [f"| {r['name']} | {r['status']} | {r['wall_s']:.1f} |"
-            for r in records]
+  lines += [f"| {r['name']}{' (side)' if r.get('side') else ''} | "
+            f"{r['status']} | {r['wall_s']:.1f} |" for r in records]
   lines += ['', '## Per-class IoU (%)', ''] + _class_table(rt, results)
   by_name = {r['name']: r['results'] for r in records}
   lines += ['', '## Training curves', '']

@@ -69,7 +69,8 @@ def assemble(rt: Runtime, pipeline: MethodPipeline,
       'wall_s': round(wall_s, 2),
       'session_wall_s': round(wall_s if session_s is None else session_s, 2),
       'stages': [{'name': r['name'], 'wall_s': r['wall_s'],
-                  'status': r['status']} for r in records],
+                  'status': r['status'], 'side': bool(r.get('side'))}
+                 for r in records],
       'training': {name: {k: v for k, v in by_name.get(name, {}).items()
                           if k != 'history'}
                    for name in pipeline.train_stages},

@@ -7,7 +7,8 @@
                     image (`bana_labels`, orchestrated by `bana_generate`)
     gap_classifier, gap_labels
                     the same with GAP, to report Table 1's comparison
-                    (`bana.compare_gap`)
+                    (`bana.compare_gap`); side stages, run beside the
+                    next ones
     semi_labels     (`semi` variant) ground-truth masks for a share of images
     train           stage 3 (Sect. 3.3): DeepLab with the cosine classifier
                     and the noise-aware loss (`bana_losses`; Table 3 rows and
@@ -22,6 +23,7 @@ and switches").
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -112,7 +114,10 @@ def pipeline(rt: Runtime) -> MethodPipeline:
   stages = _classifier_stages(rt, '', cfg.pooling, compare_images=gap_images,
                               with_figures=True)
   if compare:
-    stages += _classifier_stages(rt, 'gap_', 'gap', label_images=gap_images)
+    # Nothing after reads the GAP Labeler's outputs but the final results:
+    # it trains beside stage 3 (`Stage.side`).
+    stages += [dataclasses.replace(stage, side=True) for stage in
+               _classifier_stages(rt, 'gap_', 'gap', label_images=gap_images)]
   folders = {Y_CRF: os.path.join('labels', Y_CRF),
              Y_RET: os.path.join('labels', Y_RET)}
   semi = cfg.variant == 'semi'

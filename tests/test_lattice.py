@@ -1,0 +1,208 @@
+"""The permutohedral lattice, its exact reference and the JAX DenseCRF."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from wsss_jax.crf import dense_crf as jax_crf
+from wsss_jax.crf import exact
+from wsss_jax.crf import lattice
+from wsss_jax.host import crf as host_crf
+
+from test_crf import _corrupted_probs, _voc  # pylint: disable=g-bad-import-order
+
+# One lattice unit along a d = 1 feature: c = f·2/sqrt(3) (`_scale_factors`).
+UNIT_1D = np.sqrt(3.0) / 2.0
+
+
+def _matrix(features, reverse=False):
+  """The (N, N) linear map of the lattice filter (column j = filter of e_j)."""
+  n = features.shape[0]
+  built = lattice.build(jnp.asarray(features, jnp.float32))
+  return np.asarray(lattice.filter_values(built, jnp.eye(n), reverse))
+
+
+# ----------------------------------------------------------------------------
+# Hand-computed lattices
+# ----------------------------------------------------------------------------
+def test_one_point_in_one_dimension():
+  # Splat v on key 0 (weight 1); blur twice with [1/2, 1, 1/2]: key 0 gets
+  # v, key 1 v/2, then key 0 v + v/4; slice with alpha = 1/(1 + 1/2).
+  out = lattice.gaussian_filter(jnp.zeros((1, 1)), jnp.array([[2.0, -1.0]]))
+  np.testing.assert_allclose(out, [[2.0 * 5 / 6, -5 / 6]], rtol=1e-6)
+
+
+def test_two_points_half_a_lattice_unit_apart():
+  # Point 0 (value a) sits on key 0; point 1 (b), half a unit on, splats
+  # b/2 on keys 0 and 1.  Blurs: key 0 = 1.25a + 1.125b, key 1 = a + 1.125b;
+  # point 1 slices half of each.
+  matrix = _matrix(np.array([[0.0], [0.5 * UNIT_1D]]))
+  np.testing.assert_allclose(matrix, np.array([[1.25, 1.125],
+                                               [1.125, 1.125]]) * 2 / 3,
+                             rtol=1e-5)
+
+
+def test_one_point_in_two_dimensions():
+  # Keys (0,0) [v], (1,1) and (2,-1) [0].  Direction 0 links (0,0)-(2,-1),
+  # direction 1 (1,1)-(2,-1), direction 2 (0,0)-(1,1):
+  # (0,0): v -> v -> v + 0.5·0.25v = 1.125v; alpha = 1/(1 + 1/4).
+  out = lattice.gaussian_filter(jnp.zeros((1, 2)), jnp.ones((1, 1)))
+  np.testing.assert_allclose(out, [[0.9]], rtol=1e-6)
+
+
+def test_barycentric_weights_and_vertices():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(50, 3)).astype(np.float32) * 3
+  built = lattice.build(jnp.asarray(features))
+  np.testing.assert_allclose(np.sum(built.weight, axis=1), 1.0, atol=1e-5)
+  assert np.all(np.asarray(built.weight) >= -1e-6)
+  # The same point twice shares its vertices; M counts distinct keys.
+  doubled = lattice.build(jnp.asarray(np.concatenate([features, features])))
+  assert int(doubled.num_vertices) == int(built.num_vertices)
+  assert int(built.num_vertices) <= 50 * 4
+
+
+# ----------------------------------------------------------------------------
+# Linear algebra and gradients
+# ----------------------------------------------------------------------------
+def test_reverse_filter_is_the_transpose():
+  rng = np.random.default_rng(1)
+  features = rng.normal(size=(40, 5)).astype(np.float32) * 1.5
+  forward, backward = _matrix(features), _matrix(features, reverse=True)
+  np.testing.assert_allclose(backward, forward.T, atol=1e-6)
+  # ⟨A y, x⟩ = ⟨y, Aᵀ x⟩ for the filter as called.
+  y = rng.normal(size=(40, 3)).astype(np.float32)
+  x = rng.normal(size=(40, 3)).astype(np.float32)
+  built = lattice.build(jnp.asarray(features))
+  left = np.sum(np.asarray(lattice.filter_values(built, y)) * x)
+  right = np.sum(y * np.asarray(lattice.filter_values(built, x, True)))
+  assert abs(left - right) < 1e-4 * abs(left)
+
+
+def test_linear_in_the_values():
+  rng = np.random.default_rng(2)
+  built = lattice.build(jnp.asarray(rng.normal(size=(30, 2)), jnp.float32))
+  a, b = rng.normal(size=(2, 30, 4)).astype(np.float32)
+  combined = lattice.filter_values(built, 2 * a - 3 * b)
+  np.testing.assert_allclose(
+      combined, 2 * lattice.filter_values(built, a)
+      - 3 * lattice.filter_values(built, b), atol=1e-5)
+
+
+def test_gradient_matches_finite_differences_and_the_transpose():
+  rng = np.random.default_rng(3)
+  features = jnp.asarray(rng.normal(size=(25, 5)), jnp.float32)
+  values = jnp.asarray(rng.normal(size=(25, 2)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(25, 2)), jnp.float32)
+  built = lattice.build(features)
+
+  def loss(v):
+    return jnp.sum(weights * lattice.filter_values(built, v))
+  grad = jax.grad(loss)(values)
+  np.testing.assert_allclose(grad, lattice.filter_values(built, weights,
+                                                         True), atol=1e-6)
+  direction = jnp.asarray(rng.normal(size=(25, 2)), jnp.float32)
+  step = 1e-2
+  finite = (loss(values + step * direction)
+            - loss(values - step * direction)) / (2 * step)
+  np.testing.assert_allclose(finite, jnp.sum(grad * direction), rtol=1e-3)
+  # Through the one-shot filter, features are not differentiated.
+  feature_grad = jax.grad(lambda f: jnp.sum(
+      lattice.gaussian_filter(f, values)))(features)
+  assert np.all(np.asarray(feature_grad) == 0)
+
+
+def test_normalised_filter_keeps_a_constant_constant():
+  rng = np.random.default_rng(4)
+  built = lattice.build(jnp.asarray(rng.normal(size=(60, 5)) * 2,
+                                    jnp.float32))
+  norm = lattice.filter_values(built, jnp.ones((60, 1)))
+  out = lattice.filter_values(built, jnp.full((60, 3), 7.0)) / norm
+  np.testing.assert_allclose(out, 7.0, rtol=1e-5)
+
+
+def test_compiles_once_for_a_batch_shape():
+  @jax.jit
+  def batched(features, values):
+    return jax.vmap(lattice.gaussian_filter)(features, values)
+  rng = np.random.default_rng(5)
+  for _ in range(3):
+    out = batched(jnp.asarray(rng.normal(size=(2, 20, 3)), jnp.float32),
+                  jnp.asarray(rng.normal(size=(2, 20, 4)), jnp.float32))
+    assert np.all(np.isfinite(out))
+  assert batched._cache_size() == 1  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------
+# Against the exact Gaussian
+# ----------------------------------------------------------------------------
+def test_exact_filter_by_hand():
+  features = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+  values = jnp.array([[1.0], [10.0], [100.0]])
+  out = exact.exact_gaussian_filter(features, values, block=2)
+  e = np.exp
+  expected = [1 + 10 * e(-0.5) + 100 * e(-2.0),
+              e(-0.5) + 10 + 100 * e(-2.5),
+              e(-2.0) + 10 * e(-2.5) + 100]
+  np.testing.assert_allclose(out[:, 0], expected, rtol=1e-6)
+
+
+def test_lattice_follows_the_exact_filter_on_a_smooth_image():
+  """Normalised (K v / K 1) lattice and exact filters of a smooth signal
+  on a 24×24 grid with colour features: close, not equal."""
+  rng = np.random.default_rng(6)
+  height = width = 24
+  image = ndimage.gaussian_filter(rng.uniform(0, 255, (height, width, 3)),
+                                  (3, 3, 0))
+  features = jax_crf.bilateral_features(jnp.asarray(image), 5.0, 10.0)
+  values = jnp.asarray(ndimage.gaussian_filter(
+      rng.normal(size=(height, width, 2)), (2, 2, 0)).reshape(-1, 2),
+                       jnp.float32)
+  ones = jnp.ones((height * width, 1))
+  built = lattice.build(features)
+  approx = lattice.filter_values(built, values) / lattice.filter_values(
+      built, ones)
+  reference = (exact.exact_gaussian_filter(features, values)
+               / exact.exact_gaussian_filter(features, ones))
+  error = np.linalg.norm(approx - reference) / np.linalg.norm(reference)
+  assert error < 0.15, error
+
+
+# ----------------------------------------------------------------------------
+# DenseCRF against pydensecrf
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize('params', [
+    host_crf.CrfParams(gauss_sxy=3.0, bilateral_sxy=55.0),   # BANA stage 2
+    host_crf.CrfParams(),                                      # DeepLab-v2
+])
+def test_dense_crf_agrees_with_pydensecrf_on_a_real_image(params):
+  image, gt = _voc('2007_000243')
+  image = np.ascontiguousarray(image[100:220, 150:310])
+  gt = gt[100:220, 150:310]
+  probs = _corrupted_probs(gt, blur=5.0)
+  reference = host_crf.dense_crf(image, probs, params)
+  ours = np.asarray(jax.jit(lambda i, p: jax_crf.dense_crf(i, p, params))(
+      jnp.asarray(image), jnp.asarray(probs.transpose(1, 2, 0))))
+  ours = ours.transpose(2, 0, 1)
+  agreement = np.mean(ours.argmax(0) == reference.argmax(0))
+  assert agreement >= 0.995, agreement
+  assert np.max(np.abs(ours - reference)) < 0.05
+
+
+def test_dense_crf_degenerate_inputs_are_finite():
+  params = host_crf.CrfParams(iterations=3)
+  for image, probs in [
+      (np.full((7, 9, 3), 120, np.uint8), np.full((7, 9, 4), 0.25)),
+      (np.zeros((1, 1, 3), np.uint8), np.array([[[0.2, 0.8]]])),
+      (np.random.default_rng(0).integers(0, 255, (5, 6, 3)).astype(np.uint8),
+       np.zeros((5, 6, 3))),            # all unaries at the clip floor
+  ]:
+    out = np.asarray(jax_crf.dense_crf(jnp.asarray(image),
+                                       jnp.asarray(probs, jnp.float32),
+                                       params))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
