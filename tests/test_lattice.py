@@ -137,6 +137,25 @@ def test_compiles_once_for_a_batch_shape():
   assert batched._cache_size() == 1  # pylint: disable=protected-access
 
 
+def test_a_tight_capacity_gives_the_same_filter():
+  rng = np.random.default_rng(7)
+  # Clustered features: far fewer distinct vertices than N·(d + 1).
+  features = jnp.asarray(np.repeat(rng.normal(size=(20, 3)) * 3, 10, axis=0)
+                         + rng.normal(size=(200, 3)) * 0.05, jnp.float32)
+  values = jnp.asarray(rng.normal(size=(200, 4)), jnp.float32)
+  count = int(lattice.vertex_count(features))
+  assert count < 200 * 4
+  capacity = lattice.capacity_for(count)
+  assert capacity >= count and capacity & (capacity - 1) == 0
+  full, tight = lattice.build(features), lattice.build(features, capacity)
+  assert not bool(lattice.overflowed(tight))
+  assert tight.neighbours.shape[-1] == capacity
+  np.testing.assert_allclose(lattice.filter_values(tight, values),
+                             lattice.filter_values(full, values), atol=1e-5)
+  small = lattice.build(features, count // 2)
+  assert bool(lattice.overflowed(small))
+
+
 # ----------------------------------------------------------------------------
 # Against the exact Gaussian
 # ----------------------------------------------------------------------------
@@ -185,8 +204,11 @@ def test_dense_crf_agrees_with_pydensecrf_on_a_real_image(params):
   gt = gt[100:220, 150:310]
   probs = _corrupted_probs(gt, blur=5.0)
   reference = host_crf.dense_crf(image, probs, params)
-  ours = np.asarray(jax.jit(lambda i, p: jax_crf.dense_crf(i, p, params))(
-      jnp.asarray(image), jnp.asarray(probs.transpose(1, 2, 0))))
+  capacity = jax_crf.lattice_capacity(jnp.asarray(image)[None], params)
+  assert capacity < image.shape[0] * image.shape[1] * 6
+  ours = np.asarray(jax.jit(lambda i, p: jax_crf.dense_crf(
+      i, p, params, capacity))(jnp.asarray(image),
+                               jnp.asarray(probs.transpose(1, 2, 0))))
   ours = ours.transpose(2, 0, 1)
   agreement = np.mean(ours.argmax(0) == reference.argmax(0))
   assert agreement >= 0.995, agreement

@@ -24,6 +24,8 @@ floats baked into the program.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -57,10 +59,10 @@ def bilateral_features(image: jax.Array, sxy: float, srgb: float
                          axis=1)
 
 
-def normalised_kernel(features: jax.Array):
+def normalised_kernel(features: jax.Array, capacity: int | None = None):
   """The symmetrically normalised kernel of (N, d) features as a function
   (N, C) -> (N, C): n ⊙ K(n ⊙ Q), n = 1/sqrt(K(1) + 1e-20)."""
-  lattice = lattice_lib.build(features)
+  lattice = lattice_lib.build(features, capacity)
   ones = jnp.ones((features.shape[0], 1), jnp.float32)
   norm = jax.lax.rsqrt(lattice_lib.filter_values(lattice, ones)
                        + NORM_EPSILON)
@@ -92,8 +94,40 @@ def mean_field(unary: jax.Array, kernels, weights, iterations: int
   return q
 
 
+def _kernel_features(image: jax.Array, params: CrfParams
+                     ) -> list[tuple[jax.Array, float]]:
+  """(features, Potts weight) of each kernel with a non-zero weight."""
+  height, width = image.shape[:2]
+  kernels = []
+  if params.gauss_compat:
+    kernels.append((position_features(height, width, params.gauss_sxy),
+                    float(params.gauss_compat)))
+  if params.bilateral_compat:
+    kernels.append((bilateral_features(image, params.bilateral_sxy,
+                                       params.bilateral_srgb),
+                    float(params.bilateral_compat)))
+  return kernels
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _largest_vertex_count(images: jax.Array, params: CrfParams) -> jax.Array:
+  def count(image):
+    return functools.reduce(jnp.maximum, [
+        lattice_lib.vertex_count(features)
+        for features, _ in _kernel_features(image, params)], jnp.int32(0))
+  return jnp.max(jax.vmap(count)(images))
+
+
+def lattice_capacity(images: jax.Array, params: CrfParams) -> int:
+  """A table capacity that holds every lattice of a (B, H, W, 3) batch: the
+  next power of two of the largest vertex count (a host int, for
+  `dense_crf`'s static `capacity`; costs one sort per kernel and image)."""
+  return lattice_lib.capacity_for(int(_largest_vertex_count(images, params)))
+
+
 def dense_crf(image: jax.Array, probs: jax.Array,
-              params: CrfParams = CrfParams()) -> jax.Array:
+              params: CrfParams = CrfParams(),
+              capacity: int | None = None) -> jax.Array:
   """DenseCRF marginals of one image.
 
   Args:
@@ -102,6 +136,8 @@ def dense_crf(image: jax.Array, probs: jax.Array,
     probs: (H, W, L) class probabilities (they need not sum to 1; see
       `host.crf.dense_crf`).
     params: kernel parameters (`CrfParams`).
+    capacity: table rows of each lattice (`lattice.build`; None: always
+      enough, N·(d + 1)); `lattice_capacity` finds a tight one.
 
   Returns:
     (H, W, L) float32 marginals; each pixel sums to 1.
@@ -111,20 +147,16 @@ def dense_crf(image: jax.Array, probs: jax.Array,
     raise ValueError(f'dense_crf: image (H, W, 3) must match probs '
                      f'(H, W, L) = {probs.shape}, got {image.shape}.')
   unary = unary_from_probs(probs).reshape(height * width, labels)
-  kernels, weights = [], []
-  if params.gauss_compat:
-    kernels.append(normalised_kernel(
-        position_features(height, width, params.gauss_sxy)))
-    weights.append(float(params.gauss_compat))
-  if params.bilateral_compat:
-    kernels.append(normalised_kernel(bilateral_features(
-        image, params.bilateral_sxy, params.bilateral_srgb)))
-    weights.append(float(params.bilateral_compat))
-  q = mean_field(unary, kernels, weights, params.iterations)
+  pairs = _kernel_features(image, params)
+  kernels = [normalised_kernel(features, capacity) for features, _ in pairs]
+  q = mean_field(unary, kernels, [weight for _, weight in pairs],
+                 params.iterations)
   return q.reshape(height, width, labels)
 
 
 def dense_crf_batch(images: jax.Array, probs: jax.Array,
-                    params: CrfParams = CrfParams()) -> jax.Array:
+                    params: CrfParams = CrfParams(),
+                    capacity: int | None = None) -> jax.Array:
   """`dense_crf` over a batch: (B, H, W, 3), (B, H, W, L) -> (B, H, W, L)."""
-  return jax.vmap(lambda image, p: dense_crf(image, p, params))(images, probs)
+  return jax.vmap(lambda image, p: dense_crf(image, p, params, capacity))(
+      images, probs)

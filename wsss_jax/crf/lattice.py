@@ -57,9 +57,11 @@ class Lattice(NamedTuple):
     vertex: (N, d + 1) int32, the table row of each point's simplex
       vertices.
     weight: (N, d + 1) float32 barycentric weights (each row sums to 1).
-    neighbours: (d + 1, 2, P) int32: for blur direction j, the rows of the
-      two neighbours of every table row; P (the zero row) where absent.
-    num_vertices: () int32, M, the number of table rows in use.
+    neighbours: (d + 1, 2, K) int32, K the table's capacity (P unless
+      `build` was given less): for blur direction j, the rows of the two
+      neighbours of every table row; K (the zero row) where absent.
+    num_vertices: () int32, M, the number of distinct vertices (rows in
+      use when M ≤ K).
   """
   vertex: jax.Array
   weight: jax.Array
@@ -174,14 +176,14 @@ def _find(table: jax.Array, queries: jax.Array, missing: int) -> jax.Array:
   return jnp.where(hit, row, missing).astype(jnp.int32)
 
 
-def build(features: jax.Array) -> Lattice:
-  """The lattice of one image's (N, d) features (d ≥ 1, float)."""
+def _sorted_vertices(features: jax.Array):
+  """(bary, permutation, sorted keys, row of each sorted entry, M) for the
+  N·(d + 1) simplex vertices of (N, d) features."""
   if features.ndim != 2 or features.shape[1] < 1:
-    raise ValueError(f'lattice.build: features must be (N, d) with d >= 1, '
-                     f'got {features.shape}.')
+    raise ValueError(f'lattice: features must be (N, d) with d >= 1, got '
+                     f'{features.shape}.')
   n, d = features.shape
-  d1 = d + 1
-  size = n * d1
+  size = n * (d + 1)
   rem0, rank, bary = simplex(elevate(features))
   canonical = jnp.asarray(_canonical(d))
   # Vertex k of point i: rem0 + canonical[k, rank]; its key is the first d
@@ -195,43 +197,85 @@ def build(features: jax.Array) -> Lattice:
   changed = jnp.concatenate([jnp.ones((1,), bool), jnp.any(
       sorted_keys[1:] != sorted_keys[:-1], axis=1)])
   row_of_sorted = jnp.cumsum(changed.astype(jnp.int32)) - 1
-  num_vertices = row_of_sorted[-1] + 1
-  vertex = jnp.zeros((size,), jnp.int32).at[permutation].set(row_of_sorted)
+  return bary, permutation, sorted_keys, row_of_sorted, row_of_sorted[-1] + 1
+
+
+def vertex_count(features: jax.Array) -> jax.Array:
+  """M, the number of distinct lattice vertices of (N, d) features (to
+  choose a `capacity`)."""
+  return _sorted_vertices(features)[-1]
+
+
+def capacity_for(count: int, minimum: int = 64) -> int:
+  """A static capacity for `count` vertices: the next power of two (so that
+  images of one size share a few compilations)."""
+  return max(minimum, 1 << max(0, int(count) - 1).bit_length())
+
+
+def build(features: jax.Array, capacity: int | None = None) -> Lattice:
+  """The lattice of one image's (N, d) features (d ≥ 1, float).
+
+  `capacity` (static) is the number of table rows: N·(d + 1) by default,
+  which always suffices.  Real images use far fewer vertices than that
+  (a 500×375 photo: 8,000 of 1.1 million for BANA's bilateral kernel), and
+  the blur and the neighbour search cost O(capacity), so a caller that knows
+  a bound (`vertex_count`, `capacity_for`) passes it.  Vertices beyond the
+  capacity are dropped (their splats lost): check `overflowed`.
+  """
+  n, d = features.shape if features.ndim == 2 else (0, 0)
+  bary, permutation, sorted_keys, row_of_sorted, num_vertices = (
+      _sorted_vertices(features))
+  d1 = d + 1
+  size = n * d1
+  capacity = size if capacity is None else int(capacity)
+  if capacity < 1:
+    raise ValueError(f'lattice.build: capacity must be >= 1, got {capacity}.')
+  kept = jnp.where(row_of_sorted < capacity, row_of_sorted, capacity)
+  vertex = jnp.zeros((size,), jnp.int32).at[permutation].set(kept)
   # The table: row r holds the r-th distinct key; unused rows hold the
   # largest key, so the whole table stays sorted for the binary search.
   fill = jnp.iinfo(jnp.int32).max
-  table = jnp.full((size, d), fill, jnp.int32).at[row_of_sorted].set(
-      sorted_keys)
-  used = jnp.arange(size) < num_vertices
+  table = jnp.full((capacity, d), fill, jnp.int32).at[row_of_sorted].set(
+      sorted_keys, mode='drop')
+  rows = jnp.arange(capacity, dtype=jnp.int32)
+  used = rows < num_vertices
   neighbours = []
   for j in range(d1):
     plus = jnp.ones((d,), jnp.int32)
-    minus = -jnp.ones((d,), jnp.int32)
     if j < d:
       plus = plus.at[j].set(-d)
-      minus = minus.at[j].set(d)
-    pair = [jnp.where(used, _find(table, table + offset, size), size)
-            for offset in (plus, minus)]
-    neighbours.append(jnp.stack(pair))
+    first = jnp.where(used, _find(table, table + plus, capacity), capacity)
+    # The other neighbour needs no search: b = key − offset exactly when
+    # key = b + offset, so it is the inverse map of `first` (one-to-one on
+    # the rows found; rows not found point at the zero row).
+    second = jnp.full((capacity + 1,), capacity, jnp.int32).at[first].set(
+        rows)[:capacity]
+    neighbours.append(jnp.stack([first, second]))
   return Lattice(vertex=vertex.reshape(n, d1), weight=bary,
                  neighbours=jnp.stack(neighbours),
                  num_vertices=num_vertices)
 
 
+def overflowed(lattice: Lattice) -> jax.Array:
+  """Whether `build`'s capacity was too small (the filter is then wrong)."""
+  return lattice.num_vertices > lattice.neighbours.shape[-1]
+
+
 def _splat_blur_slice(lattice: Lattice, values: jax.Array,
                       reverse: bool) -> jax.Array:
   n, d1 = lattice.vertex.shape
-  size = n * d1
+  capacity = lattice.neighbours.shape[-1]
   channels = values.shape[1]
   weighted = (lattice.weight[:, :, None] * values[:, None, :]).reshape(
-      size, channels)
-  grid = jax.ops.segment_sum(weighted, lattice.vertex.reshape(size),
-                             num_segments=size + 1)
-  grid = grid.at[size].set(0.0)
+      n * d1, channels)
+  # Row `capacity` is the zero row: absent neighbours and dropped vertices.
+  grid = jax.ops.segment_sum(weighted, lattice.vertex.reshape(n * d1),
+                             num_segments=capacity + 1)
+  grid = grid.at[capacity].set(0.0)
   directions = range(d1 - 1, -1, -1) if reverse else range(d1)
   for j in directions:
     first, second = lattice.neighbours[j]
-    blurred = grid[:size] + 0.5 * (grid[first] + grid[second])
+    blurred = grid[:capacity] + 0.5 * (grid[first] + grid[second])
     grid = jnp.concatenate([blurred, jnp.zeros((1, channels), grid.dtype)])
   alpha = 1.0 / (1.0 + 2.0 ** (-(d1 - 1)))
   sliced = grid[lattice.vertex] * lattice.weight[:, :, None]
