@@ -228,3 +228,22 @@ def test_dense_crf_degenerate_inputs_are_finite():
                                        params))
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+def test_the_jax_crf_serves_as_the_host_crf_backend():
+  from wsss_jax.crf import backend  # pylint: disable=g-import-not-at-top
+  del backend                       # importing it registers 'jax'
+  image, gt = _voc('2007_000243')
+  image, gt = np.ascontiguousarray(image[150:214, 200:280]), gt[150:214,
+                                                                200:280]
+  probs = _corrupted_probs(gt)[[0, 1, 2, 15]]
+  params = host_crf.CrfParams(iterations=5)
+  ours = host_crf.get_backend('jax')(image, probs, params)
+  reference = host_crf.get_backend('pydensecrf')(image, probs, params)
+  assert ours.shape == reference.shape and ours.dtype == np.float32
+  assert np.mean(ours.argmax(0) == reference.argmax(0)) >= 0.995
+  labels = host_crf.crf_item((image, probs), params, argmax=True,
+                             backend='jax')
+  np.testing.assert_array_equal(labels, ours.argmax(0))
+  with pytest.raises(ValueError, match='channel-first'):
+    host_crf.get_backend('jax')(image, probs.transpose(1, 2, 0), params)

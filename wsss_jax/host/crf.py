@@ -10,8 +10,9 @@ and symmetric normalisation, `iterations` mean-field steps.
 is imported inside the functions, so importing this module stays cheap.
 
 Backends: `get_backend(name)` returns a `CrfBackend` (a name plus
-`__call__(image, probs, params)`).  Only 'pydensecrf' exists; a later
-accelerator CRF registers itself with `register_backend`.
+`__call__(image, probs, params)`): 'pydensecrf', and 'jax' (the on-device
+DenseCRF of `wsss_jax.crf`, registered when `wsss_jax.crf.backend` is
+imported; run it without worker processes).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class CrfParams:
     return cls(**values)
 
 
-def _check_inputs(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray,
-                                                                 np.ndarray]:
+def check_inputs(image: np.ndarray,
+                 probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Validates the CRF inputs; returns (C-contiguous image, float32 probs)."""
   image = np.asarray(image)
   probs = np.asarray(probs)
@@ -126,7 +127,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray,
   """
   import pydensecrf.densecrf as dcrf  # pylint: disable=g-import-not-at-top
 
-  image, probs = _check_inputs(image, probs)
+  image, probs = check_inputs(image, probs)
   num_classes, height, width = probs.shape
   unary = -np.log(np.clip(probs, _PROB_FLOOR, 1.0))
   unary = np.ascontiguousarray(unary.reshape(num_classes, -1),
@@ -183,7 +184,8 @@ def get_backend(name: str = 'pydensecrf') -> CrfBackend:
   """The registered CRF backend called `name`."""
   if name not in _BACKENDS:
     raise ValueError(f'Unknown CRF backend {name!r}; available: '
-                     f'{sorted(_BACKENDS)}.')
+                     f'{sorted(_BACKENDS)} (importing wsss_jax.crf.backend '
+                     "adds 'jax').")
   return _BACKENDS[name]
 
 

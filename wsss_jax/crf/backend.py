@@ -1,0 +1,46 @@
+"""The JAX DenseCRF as a CRF backend named 'jax' (`host.crf.get_backend`).
+
+Importing this module registers it.  It takes and returns what the
+pydensecrf backend does (uint8 (H, W, 3) RGB, float (C, H, W) probabilities
+-> float32 (C, H, W) marginals) and runs `dense_crf` on JAX's default device
+in the calling process, so a caller uses it with no host worker processes
+(`workers=0`): a pool would start JAX in every worker.  Each call finds the
+image's lattice capacity (`dense_crf.lattice_capacity`) and runs a program
+compiled once per (image size, labels, capacity bucket, parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsss_jax.crf import dense_crf as jax_crf
+from wsss_jax.host import crf as host_crf
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(params: host_crf.CrfParams, capacity: int):
+  return jax.jit(lambda image, probs: jax_crf.dense_crf(image, probs, params,
+                                                        capacity))
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxCrfBackend:
+  """`host.crf.CrfBackend` running `wsss_jax.crf.dense_crf` on the device."""
+  name: str = 'jax'
+
+  def __call__(self, image: np.ndarray, probs: np.ndarray,
+               params: host_crf.CrfParams) -> np.ndarray:
+    image, probs = host_crf.check_inputs(image, probs)
+    device_image = jnp.asarray(image)
+    capacity = jax_crf.lattice_capacity(device_image[None], params)
+    marginals = _compiled(params, capacity)(
+        device_image, jnp.asarray(probs.transpose(1, 2, 0)))
+    return np.asarray(marginals, np.float32).transpose(2, 0, 1)
+
+
+host_crf.register_backend(JaxCrfBackend())
