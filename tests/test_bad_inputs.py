@@ -64,6 +64,8 @@ def test_missing_voc_root_is_a_clear_error(tmp_path):
     ('input.crop_size', 600, 'eval.bucket_size'),
     ('train.num_steps', 0, 'train.num_steps'),
     ('input.scale_range', (1.5, 0.5), 'input.scale_range'),
+    ('crf.backend', 'cuda', "crf.backend: must be one of \\('pydensecrf', "
+     "'jax'\\), got 'cuda'"),
 ])
 def test_out_of_range_config_values(field, value, message):
   config = defaults.base_config('x', 'supervised')
@@ -96,6 +98,7 @@ def test_workdir_of_an_older_config_compares_equal_with_neutral_new_fields(
   path = tmp_path / 'config.json'
   saved = json.loads(path.read_text())
   del saved['train']['ema_decay'], saved['optim']['warmup_steps']
+  del saved['crf']
   path.write_text(json.dumps(saved))
   again, previous = config_checks.update_workdir_config(config,
                                                         str(tmp_path))

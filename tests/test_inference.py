@@ -156,3 +156,29 @@ def test_crf_evaluation_also_scores_its_input_like_a_plain_evaluation():
       [scores[False]['per_class_iou'][n] for n in names], atol=1e-9)
   # ... and the CRF's own scores are a different measurement.
   assert scores[True]['miou'] != pytest.approx(plain['miou'], abs=1e-9)
+
+
+def test_the_jax_crf_backend_evaluates_like_pydensecrf():
+  """`config.crf.backend='jax'`: the evaluator runs the device CRF in
+  process (worker count ignored) and scores what pydensecrf scores."""
+  dataset = _tiny_dataset()
+  model = ColourModel()
+  variables = _variables(model, 32)
+  config = defaults.evaluation()
+  config.update(batch_size=2, crf=True, crf_workers=2)
+  scores = {}
+  for backend in ('pydensecrf', 'jax'):
+    evaluator = inference.Evaluator(model, dataset, 'val', config,
+                                    'imagenet', mesh_lib.make_mesh(),
+                                    crf_backend=backend)
+    scores[backend] = evaluator(variables, progress=False)
+    assert evaluator.describe()['crf_backend'] == backend
+  assert scores['jax']['miou'] == pytest.approx(scores['pydensecrf']['miou'],
+                                                abs=0.5)
+  assert (scores['jax']['without_crf']['miou']
+          == scores['pydensecrf']['without_crf']['miou'])
+  from wsss_jax.crf import backend as crf_backend  # pylint: disable=g-import-not-at-top
+  assert crf_backend.host_workers('jax', 2) == 0
+  assert crf_backend.host_workers('pydensecrf', 2) == 2
+  with pytest.raises(ValueError, match='Unknown CRF backend'):
+    crf_backend.host_workers('gpu', 2)

@@ -43,7 +43,8 @@ TRAINING_FIELDS = ('train', 'optim')
 MONITORING_FIELDS = ('train.eval_every', 'train.eval_max_images',
                      'train.checkpoint_every', 'train.keep_checkpoints')
 LABEL_STAGE_IGNORES = EVALUATION_FIELDS + TRAINING_FIELDS
-TRAIN_STAGE_IGNORES = EVALUATION_FIELDS + MONITORING_FIELDS
+# No training stage runs a CRF (RRM's will declare its own ignores).
+TRAIN_STAGE_IGNORES = EVALUATION_FIELDS + MONITORING_FIELDS + ('crf',)
 
 
 def label_path(stage: str) -> str:

@@ -23,7 +23,12 @@ RESUME_SAFE_FIELDS = ('eval.crf_workers', 'eval.worker_count', 'input.cache_mb',
 # Fields added after runs already existed, with the value that computes what
 # the code did before them: a workdir whose config.json lacks one resumes
 # when the new config holds that value.
-NEUTRAL_WHEN_ABSENT = {'train.ema_decay': 0.0, 'optim.warmup_steps': 0}
+NEUTRAL_WHEN_ABSENT = {'train.ema_decay': 0.0, 'optim.warmup_steps': 0,
+                       'crf.backend': 'pydensecrf'}
+
+
+# `config.crf.backend` values (`host.crf.get_backend` names).
+CRF_BACKENDS = ('pydensecrf', 'jax')
 
 
 class ConfigError(ValueError):
@@ -108,6 +113,9 @@ def validate(config) -> None:
   need(_positive_numbers(ev.scales), 'eval.scales',
        f'must be non-empty and positive, got {tuple(ev.scales)}')
   need(ev.max_images >= 0, 'eval.max_images', 'must be >= 0')
+  backend = config.get('crf', {}).get('backend', 'pydensecrf')
+  need(backend in CRF_BACKENDS, 'crf.backend',
+       f'must be one of {CRF_BACKENDS}, got {backend!r}')
   need(config.compute_dtype in ('float32', 'bfloat16'), 'compute_dtype',
        f"must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
   if config.data.name.startswith('shapes'):

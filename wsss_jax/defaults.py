@@ -270,6 +270,9 @@ def base_config(name: str, method: str, variant: str = '') -> ConfigDict:
   config.train.update(eval_every=150, eval_max_images=100,
                       checkpoint_every=100, ema_decay=0.99)
   config.eval = evaluation()
+  # Where every DenseCRF runs (evaluation, pseudo-labels): 'pydensecrf' on
+  # the host in a process pool, or 'jax' on the device (docs/crf.md).
+  config.crf = ConfigDict(dict(backend='pydensecrf'))
   config.mesh = ConfigDict(dict(num_devices=0))   # 0: every device
   config.compute_dtype = 'float32'                # or 'bfloat16' (params fp32)
   config.report = ConfigDict(dict(num_examples=6))

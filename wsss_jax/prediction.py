@@ -33,6 +33,7 @@ from wsss_jax import config_checks, config_io, methods, runtime, segmentation
 from wsss_jax.atomic import write_json_atomic
 from wsss_jax.data import label_png, registry, schema, transforms
 from wsss_jax.evaluation import inference
+from wsss_jax.crf import backend as crf_backend_lib
 from wsss_jax.host import crf as crf_lib
 from wsss_jax.host.pool import HostPool
 from wsss_jax.stages import MethodPipeline, Network
@@ -267,12 +268,18 @@ def predict_folder(workdir: str, images: str, out: str, *,
       for labels in pool.submit(item):
         write(labels)
 
+  # Runs written before `config.crf` existed used pydensecrf.
+  crf_backend = str(rt.config.get('crf', {}).get('backend', 'pydensecrf'))
   host_fn = (functools.partial(crf_lib.crf_item, params=crf_params,
-                               argmax=True) if crf_params else _labels_item)
+                               argmax=True, backend=crf_backend)
+             if crf_params else _labels_item)
+  workers = (crf_backend_lib.host_workers(crf_backend,
+                                          eval_config.crf_workers)
+             if crf_params else 0)
   bar = progress_lib.bar(total=len(sides), desc='predict',
                          show=True if progress is None else progress)
-  with HostPool(host_fn, int(eval_config.crf_workers) if crf_params else 0,
-                desc='predict host', progress=False) as pool:
+  with HostPool(host_fn, workers, desc='predict host',
+                progress=False) as pool:
     in_flight = None
     for side, batch in _batches(images, files, sides, batch_size, skipped):
       padded = transforms.pad_image_batch([image for _, image in batch], side,

@@ -337,7 +337,8 @@ def evaluate_model(rt: Runtime, stage_dir: str, model, variables,
   config = rt.config
   evaluator = inference.Evaluator(model, rt.dataset, rt.val_split,
                                   config.eval, rt.normalization, rt.mesh,
-                                  rt.compute_dtype, config.eval.worker_count)
+                                  rt.compute_dtype, config.eval.worker_count,
+                                  crf_backend=config.crf.backend)
   out_dir = os.path.join(stage_dir, 'predictions', rt.val_split)
   scores = evaluator(variables, max_images=config.eval.max_images,
                      out_dir=out_dir if config.eval.save_predictions

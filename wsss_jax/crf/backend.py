@@ -44,3 +44,11 @@ class JaxCrfBackend:
 
 
 host_crf.register_backend(JaxCrfBackend())
+
+
+def host_workers(backend: str, workers: int) -> int:
+  """Worker processes for CRFs on `backend` (`config.crf.backend`): the
+  requested count for 'pydensecrf'; 0 for 'jax', which runs on the device in
+  the calling process (a pool would start JAX in every worker)."""
+  host_crf.get_backend(backend)          # unknown names fail here
+  return 0 if backend == JaxCrfBackend.name else int(workers)

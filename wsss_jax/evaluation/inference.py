@@ -22,6 +22,7 @@ from wsss_jax import progress as progress_lib
 from wsss_jax.data import pipeline, schema, transforms
 from wsss_jax.data.label_png import write_label_png
 from wsss_jax.evaluation import metrics
+from wsss_jax.crf import backend as crf_backend_lib
 from wsss_jax.host import crf as crf_lib
 from wsss_jax.host.pool import HostPool
 from wsss_jax.ops import image as image_ops
@@ -126,8 +127,10 @@ class Evaluator:
 
   def __init__(self, model, dataset, split: str, eval_config,
                normalization: str, mesh, compute_dtype=jnp.float32,
-               worker_count: int = 0, max_boxes: int = 64):
+               worker_count: int = 0, max_boxes: int = 64,
+               crf_backend: str = 'pydensecrf'):
     self.dataset = dataset
+    self.crf_backend = crf_backend
     self.split = split
     self.config = eval_config
     self.mesh = mesh
@@ -151,7 +154,8 @@ class Evaluator:
   def describe(self) -> dict[str, Any]:
     return {'split': self.split, 'bucket_size': self.bucket,
             'scales': list(self.config.scales), 'flip': bool(self.config.flip),
-            'fusion': self.config.fusion, 'crf': bool(self.config.crf)}
+            'fusion': self.config.fusion, 'crf': bool(self.config.crf),
+            **({'crf_backend': self.crf_backend} if self.config.crf else {})}
 
   def __call__(self, variables, *, max_images: int = 0,
                out_dir: str | None = None,
@@ -172,9 +176,11 @@ class Evaluator:
     if out_dir:
       os.makedirs(out_dir, exist_ok=True)
     host_fn = (functools.partial(crf_lib.crf_item, params=self.crf_params,
-                                 argmax=True)
+                                 argmax=True, backend=self.crf_backend)
                if self.crf_params else (lambda item: item))
-    workers = int(self.config.crf_workers) if self.crf_params else 0
+    workers = (crf_backend_lib.host_workers(self.crf_backend,
+                                            self.config.crf_workers)
+               if self.crf_params else 0)
     num_images = 0
 
     def consume(label):

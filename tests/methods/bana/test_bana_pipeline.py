@@ -170,11 +170,15 @@ def test_semi_variant_adds_its_label_stage_and_runs(tmp_path):
 
 @pytest.mark.slow
 def test_official_code_switches_run_end_to_end(tmp_path):
+  # ... with every CRF (stage 2's, the evaluation's) on the device.
   config = load_config('tiny,official_code')
   config.bana.compare_gap = False
   config.optim.name = 'adam'
+  config.crf.backend = 'jax'
   results = run.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(results['val']['miou'])
+  assert results['bana']['label_generation']['crf_workers'] == 0
+  assert results['val']['protocol'].get('crf_backend', 'jax') == 'jax'
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ import numpy as np
 
 from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder
+from wsss_jax.crf import backend as crf_backend_lib
 from wsss_jax.host import crf as crf_lib
 from wsss_jax.methods.bana import labels as bana_labels
 from wsss_jax.ops import image as image_ops
@@ -52,6 +53,7 @@ class LabelOptions:
   batch_size: int
   max_boxes: int
   crf: crf_lib.CrfParams
+  crf_backend: str = 'pydensecrf'     # config.crf.backend
 
   @classmethod
   def from_config(cls, config) -> 'LabelOptions':
@@ -70,7 +72,8 @@ class LabelOptions:
                threshold=float(cfg.background_threshold),
                batch_size=max(1, int(cfg.label_batch_size)),
                max_boxes=int(config.input.max_boxes),
-               crf=crf_lib.CrfParams(**dict(cfg.label_crf)))
+               crf=crf_lib.CrfParams(**dict(cfg.label_crf)),
+               crf_backend=str(config.crf.backend))
 
 
 def make_passes(model, normalization: str, options: LabelOptions):
@@ -113,8 +116,8 @@ def make_passes(model, normalization: str, options: LabelOptions):
   return first, second
 
 
-def crf_labels(item: Mapping[str, Any],
-               params: crf_lib.CrfParams) -> np.ndarray:
+def crf_labels(item: Mapping[str, Any], params: crf_lib.CrfParams,
+               backend: str = 'pydensecrf') -> np.ndarray:
   """Worker body: Y_crf uint8 (H, W) of one image.
 
   DenseCRF over the image's own classes only (background and the classes
@@ -133,7 +136,7 @@ def crf_labels(item: Mapping[str, Any],
   probs = np.asarray(item['probs'])
   channels = np.flatnonzero(np.asarray(item['present'], bool)
                             | (np.arange(probs.shape[-1]) == 0))
-  marginals = crf_lib.dense_crf(
+  marginals = crf_lib.get_backend(backend)(
       item[schema.IMAGE], np.transpose(probs[..., channels], (2, 0, 1)),
       params)
   q = np.zeros(probs.shape, np.float32)
@@ -156,7 +159,8 @@ def label_job(variables, passes, options: LabelOptions) -> engine.LabelJob:
   return engine.LabelJob(
       outputs=(Y_CRF, Y_RET, AGREEMENT),
       first_pass=functools.partial(first, variables),
-      host_fn=functools.partial(crf_labels, params=options.crf),
+      host_fn=functools.partial(crf_labels, params=options.crf,
+                                backend=options.crf_backend),
       second_pass=functools.partial(second, variables),
       label_maps=label_maps, batch_size=options.batch_size,
       box_rows=options.max_boxes, counted=('no_background',),
@@ -175,11 +179,13 @@ def generate(source, image_ids, heights, widths, variables, passes,
     passes: `make_passes(...)`.
     options: stage-2 options.
     folders: {Y_CRF, Y_RET, AGREEMENT: LabelFolder}.
-    workers: CRF worker processes (0 = inline).
+    workers: CRF worker processes (0 = inline; always 0 with the 'jax'
+      CRF backend).
   Returns:
     counts and throughput: images written/skipped, images with no
     background, images/s, device and host seconds.
   """
+  workers = crf_backend_lib.host_workers(options.crf_backend, workers)
   counts = engine.run(label_job(variables, passes, options), source,
                       image_ids, folders, sizes=list(zip(heights, widths)),
                       workers=workers)
