@@ -2,6 +2,8 @@
 
   python experiments/benchmark_crf.py --quick      # <= 3 min on 2 cores
   python experiments/benchmark_crf.py              # the RESULTS.md table
+  python experiments/benchmark_crf.py --smoke      # tiny sizes: the device
+                                                   # check's dry run
 
 On the real VOC images of tests/data/voc_mini (unaries: the ground truth,
 one-hot, blurred, plus uniform noise; `tests/test_crf.py`'s rule):
@@ -68,6 +70,8 @@ QUICK_SETS = ('bana_labels',)
 
 def _define_flags() -> None:
   flags.DEFINE_bool('quick', False, 'The contract fields only (<= 3 min).')
+  flags.DEFINE_bool('smoke', False, 'The contract fields on 2 small images '
+                    '(checks that the script runs, measures nothing).')
   flags.DEFINE_string('out', os.path.join(REPO, 'experiments', 'out',
                                           'benchmark_crf.json'), 'Output.')
 
@@ -234,22 +238,25 @@ def energy_step(batch: int = 4, side: int = 160) -> dict[str, float]:
 
 def main(argv):
   del argv
-  quick = flags.FLAGS.quick
+  smoke = flags.FLAGS.smoke
+  quick = flags.FLAGS.quick or smoke
   samples = voc_samples(8 if quick else 17)
+  if smoke:
+    samples = resized(samples[:2], 48, 64, NUM_CLASSES)
   report: dict = {'devices': [str(d) for d in jax.devices()],
-                  'quick': quick}
+                  'quick': quick, 'smoke': smoke}
   sets = QUICK_SETS if quick else tuple(PARAMETER_SETS)
   report['agreement'] = {name: agreement(samples[:2 if quick else None],
                                          PARAMETER_SETS[name])
                          for name in sets}
   report['agreement_pct'] = report['agreement']['bana_labels'][
       'agreement_pct']
-  voc_size = resized(samples, 375, 500, NUM_CLASSES)
+  voc_size = samples if smoke else resized(samples, 375, 500, NUM_CLASSES)
   report['speed_500x375_21'] = speed(voc_size, PARAMETER_SETS['bana_labels'])
   report.update({key: report['speed_500x375_21'][key] for key in (
       'jax_images_per_second', 'pool_images_per_second',
       'single_images_per_second')})
-  side, sxy = (80, 25.0) if quick else (160, 50.0)
+  side, sxy = (24, 8.0) if smoke else (80, 25.0) if quick else (160, 50.0)
   report['filter_accuracy'] = filter_accuracy(samples[0][0], side, sxy, 15.0)
   report['lattice_vs_exact_rel_error'] = report['filter_accuracy'][
       'normalised_rel_error']

@@ -12,11 +12,11 @@
 #   step_bfloat16.json the same in bfloat16 compute
 #   vs_torch.json      benchmark_vs_torch.py with torch on the GPU, if it sees one
 #   main_job.json      results.json of configs/supervised.py (the time unit)
+#   crf.json           benchmark_crf.py --quick: the JAX DenseCRF on the device
+#                      against pydensecrf and the host pool (same images)
 #   sections.jsonl     one line per section: rc, seconds, or why it was skipped
 #   log.txt            every section's output
 # A section that fails or runs out of its time is recorded and the next runs.
-# The JAX DenseCRF against the pydensecrf pool joins when the JAX CRF exists
-# (issue 14); until then its section records that it was skipped.
 set -u -o pipefail
 DRY=0
 for arg in "$@"; do
@@ -112,7 +112,9 @@ else
   skipped vs_torch 'torch does not see a GPU'
 fi
 
-skipped jax_crf 'no JAX DenseCRF in this version (issue 14)'
+if (( DRY )); then CRF_ARGS=(--smoke); else CRF_ARGS=(--quick); fi
+section jax_crf 150 $PYTHON experiments/benchmark_crf.py "${CRF_ARGS[@]}" \
+    --out="$OUT/crf.json"
 
 WORKDIR=$(mktemp -d)
 if (( DRY )); then CONFIG=configs/supervised.py:tiny; else CONFIG=configs/supervised.py; fi

@@ -25,7 +25,8 @@ def test_device_check_dry_run(tmp_path):
   sections = [json.loads(line) for line in
               (out / 'sections.jsonl').read_text().splitlines()]
   ran = {s['section']: s for s in sections if 'skipped' not in s}
-  assert set(ran) >= {'env', 'step_float32', 'step_bfloat16', 'main_job'}
+  assert set(ran) >= {'env', 'step_float32', 'step_bfloat16', 'jax_crf',
+                      'main_job'}
   failed = {name: s for name, s in ran.items() if s['rc'] != 0}
   assert not failed, (failed, (out / 'log.txt').read_text()[-3000:])
   float32 = json.loads((out / 'step_float32.json').read_text())
@@ -33,6 +34,8 @@ def test_device_check_dry_run(tmp_path):
   assert all(r['median_step_seconds'] > 0 for r in float32['results'])
   bfloat16 = json.loads((out / 'step_bfloat16.json').read_text())
   assert {r['dtype'] for r in bfloat16['results']} == {'bfloat16'}
+  crf = json.loads((out / 'crf.json').read_text())
+  assert crf['smoke'] and crf['agreement_pct'] >= 99.5
   main_job = json.loads((out / 'main_job.json').read_text())
   assert 0 <= main_job['val']['miou'] <= 100
   assert len(list(out.iterdir())) <= 8          # the device tool's limit
