@@ -54,6 +54,37 @@ def test_one_point_in_two_dimensions():
   np.testing.assert_allclose(out, [[0.9]], rtol=1e-6)
 
 
+def test_elevation_and_simplex_by_hand():
+  # d = 2, f = (1, 0): scales sqrt(2/3)·3/sqrt(2) = sqrt(3) and
+  # sqrt(2/3)·3/sqrt(6) = 1, so c = (sqrt(3), 0) and the point is
+  # (c0 + c1, c1 − c0, −2·c1) = (sqrt(3), −sqrt(3), 0).
+  np.testing.assert_allclose(lattice.elevate(jnp.array([[1.0, 0.0]])),
+                             [[np.sqrt(3), -np.sqrt(3), 0.0]], rtol=1e-6)
+  # d = 1, half a unit from the origin: elevated (0.5, −0.5) rounds to
+  # (0, 0); residuals (0.5, −0.5) rank (0, 1); v = (0.25, −0.25) gives the
+  # weights (0.5, 0.5) of the remainder-0 and remainder-1 vertices.
+  rem0, rank, bary = lattice.simplex(jnp.array([[0.5, -0.5]]))
+  np.testing.assert_array_equal(rem0, [[0, 0]])
+  np.testing.assert_array_equal(rank, [[0, 1]])
+  np.testing.assert_allclose(bary, [[0.5, 0.5]], rtol=1e-6)
+
+
+def test_mean_field_by_hand():
+  # One pixel, two labels, U = (0, ln 2): Q0 = softmax(−U) = (2/3, 1/3).
+  # With the identity as the kernel and w = 1, one step gives
+  # softmax(−U + Q0) = softmax(2/3, 1/3 − ln 2).
+  unary = jnp.array([[0.0, np.log(2.0)]])
+  np.testing.assert_allclose(
+      jax_crf.mean_field(unary, [], [], 0), [[2 / 3, 1 / 3]], rtol=1e-6)
+  first = 1.0 / (1.0 + 0.5 * np.exp(-1.0 / 3.0))
+  np.testing.assert_allclose(
+      jax_crf.mean_field(unary, [lambda q: q], [1.0], 1),
+      [[first, 1.0 - first]], rtol=1e-6)
+  np.testing.assert_allclose(jax_crf.unary_from_probs(
+      jnp.array([0.5, 0.0, 2.0])), [np.log(2.0), -np.log(1e-5), 0.0],
+                             rtol=1e-6)
+
+
 def test_barycentric_weights_and_vertices():
   rng = np.random.default_rng(0)
   features = rng.normal(size=(50, 3)).astype(np.float32) * 3

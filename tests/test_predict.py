@@ -76,6 +76,9 @@ def test_run_config_round_trips_through_config_json(tmp_path):
                 'fusion': 'mean_probs', 'bucket_size': None}}))
   config = config_io.load_run_config(str(tmp_path))
   assert config.eval.scales == (0.5, 1.0)   # tuples again
+  # Fields added after the run was made read as what the run computed.
+  assert config.crf.backend == 'pydensecrf'
+  assert config.train.ema_decay == 0.0
   config_io.apply_override(config, 'eval.crf=True')
   config_io.apply_override(config, 'eval.scales=[1, 1.5]')
   config_io.apply_override(config, 'eval.batch_size=8')

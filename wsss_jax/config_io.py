@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from wsss_jax.config_checks import ConfigError
+from wsss_jax.config_checks import NEUTRAL_WHEN_ABSENT, ConfigError
 
 CONFIG_FILE = 'config.json'
 
@@ -32,7 +32,12 @@ def _from_json(value: Any) -> Any:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was started with (its config.json)."""
+  """The config a run in `workdir` was started with (its config.json).
+
+  Fields added to the configs after the run was made are filled with the
+  value that computes what the run computed (`NEUTRAL_WHEN_ABSENT`), so
+  readers need no fallbacks.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'No run directory {workdir!r}.')
@@ -45,7 +50,17 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
       data = json.load(f)
   except (OSError, json.JSONDecodeError) as error:
     raise ConfigError(f'{path} is unreadable: {error}') from error
-  return _from_json(data)
+  config = _from_json(data)
+  for field, value in NEUTRAL_WHEN_ABSENT.items():
+    *sections, name = field.split('.')
+    node = config
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    if name not in node:
+      node[name] = value
+  return config
 
 
 def _parse(text: str, current: Any, field: str) -> Any:

@@ -268,8 +268,7 @@ def predict_folder(workdir: str, images: str, out: str, *,
       for labels in pool.submit(item):
         write(labels)
 
-  # Runs written before `config.crf` existed used pydensecrf.
-  crf_backend = str(rt.config.get('crf', {}).get('backend', 'pydensecrf'))
+  crf_backend = rt.config.crf.backend
   host_fn = (functools.partial(crf_lib.crf_item, params=crf_params,
                                argmax=True, backend=crf_backend)
              if crf_params else _labels_item)

@@ -260,46 +260,56 @@ def _check_order(stages: list[Stage]) -> None:
 
 
 class _SideLane:
-  """Runs side stages one after another in a daemon thread.
+  """Runs side stages one after another, in submission order: in a daemon
+  thread (`threaded`), or at once in the caller's thread (side stages
+  turned off), with the same bookkeeping either way.
 
   A daemon, so that a failing main line ends the process at once: a side
   stage cut short is resumed by the next run like any interrupted stage.
   """
 
   def __init__(self, run_one: Callable[[Stage, str | None],
-                                       tuple[dict[str, Any], str | None]]):
+                                       tuple[dict[str, Any], str | None]],
+               threaded: bool):
     self._run_one = run_one
-    self._jobs: queue.Queue = queue.Queue()
+    self._jobs: queue.Queue | None = queue.Queue() if threaded else None
     self.futures: dict[str, concurrent.futures.Future] = {}
     self.changed: set[str] = set()      # side stages whose output changed
-    self._thread = threading.Thread(target=self._work, name='side-stages',
-                                    daemon=True)
-    self._thread.start()
+    self._last_changed: str | None = None
+    self._failed: str | None = None
+    if self._jobs is not None:
+      threading.Thread(target=self._work, name='side-stages',
+                       daemon=True).start()
 
   def submit(self, stage: Stage, changed_upstream: str | None) -> None:
     future: concurrent.futures.Future = concurrent.futures.Future()
     self.futures[stage.name] = future
-    self._jobs.put((stage, changed_upstream, future))
+    if self._jobs is None:
+      self._run(stage, changed_upstream, future)
+    else:
+      self._jobs.put((stage, changed_upstream, future))
 
   def _work(self) -> None:
-    changed, failed = None, None
     while (job := self._jobs.get()) is not None:
-      stage, upstream, future = job
-      if failed is not None:
-        future.set_exception(RuntimeError(
-            f'Stage {stage.name!r} did not run: the side stage {failed!r} '
-            'before it failed.'))
-        continue
-      try:
-        record, after = self._run_one(stage, upstream or changed)
-      except BaseException as error:  # pylint: disable=broad-except
-        failed = stage.name
-        future.set_exception(error)
-      else:
-        if after == stage.name:
-          self.changed.add(stage.name)
-        changed = after
-        future.set_result(record)
+      self._run(*job)
+
+  def _run(self, stage: Stage, upstream: str | None,
+           future: concurrent.futures.Future) -> None:
+    if self._failed is not None:
+      future.set_exception(RuntimeError(
+          f'Stage {stage.name!r} did not run: the side stage '
+          f'{self._failed!r} before it failed.'))
+      return
+    try:
+      record, after = self._run_one(stage, upstream or self._last_changed)
+    except BaseException as error:  # pylint: disable=broad-except
+      self._failed = stage.name
+      future.set_exception(error)
+      return
+    if after == stage.name:
+      self.changed.add(stage.name)
+    self._last_changed = after
+    future.set_result(record)
 
   def raise_first_error(self) -> None:
     for future in list(self.futures.values()):
@@ -307,7 +317,8 @@ class _SideLane:
         raise future.exception()
 
   def close(self) -> None:
-    self._jobs.put(None)
+    if self._jobs is not None:
+      self._jobs.put(None)
 
 
 def run_stages(stages: list[Stage], context: StageContext,
@@ -396,37 +407,26 @@ def run_stages(stages: list[Stage], context: StageContext,
     context.results[stage.name] = record['results']
     return record, changed_upstream
 
-  lane = (_SideLane(run_one) if side_stages_enabled()
-          and any(stage.side for stage in stages) else None)
+  lane = _SideLane(run_one, threaded=side_stages_enabled()
+                   and any(stage.side for stage in stages))
   records: dict[str, dict[str, Any]] = {}
   changed_upstream = None     # the first main-line stage whose output changed
-  side_changed = None         # the same among side stages run inline
-  side_changed_names: set[str] = set()
   try:
     for stage in stages:
       for name in stage.waits_for:
-        if lane is not None:
-          lane.futures[name].result()
-        if name in (lane.changed if lane is not None else side_changed_names):
+        lane.futures[name].result()
+        if name in lane.changed:
           changed_upstream = changed_upstream or name
-      if stage.side and lane is not None:
+      if stage.side:
         lane.submit(stage, changed_upstream)
-      elif stage.side:
-        records[stage.name], side_changed = run_one(
-            stage, changed_upstream or side_changed)
-        if side_changed == stage.name:
-          side_changed_names.add(stage.name)
       else:
         records[stage.name], changed_upstream = run_one(stage,
                                                         changed_upstream)
-      if lane is not None:
-        lane.raise_first_error()   # fail fast: the main line's work is saved
-    if lane is not None:
-      records.update({name: future.result()
-                      for name, future in lane.futures.items()})
+      lane.raise_first_error()   # fail fast: the main line's work is saved
+    records.update({name: future.result()
+                    for name, future in lane.futures.items()})
   finally:
-    if lane is not None:
-      lane.close()
+    lane.close()
   return [records[stage.name] for stage in stages]
 
 

@@ -76,6 +76,12 @@ def mean_field(unary: jax.Array, kernels, weights, iterations: int
                ) -> jax.Array:
   """Q after `iterations` steps of Q ← softmax(−U + Σ_k w_k K̃_k(Q)).
 
+  Krähenbühl & Koltun (2011), the mean-field update of Algorithm 1 with the
+  Potts compatibility μ(l, l') = [l ≠ l']: the Potts penalty of the other
+  labels equals −w·K̃(Q)_l up to a per-pixel constant, which the softmax
+  removes; pydensecrf computes exactly this (the kernel includes the pixel
+  itself).  Hand-computed in tests/test_lattice.py.
+
   Args:
     unary: (N, L) energies.
     kernels: normalised kernels, each (N, L) -> (N, L).

@@ -88,8 +88,11 @@ def _canonical(d: int) -> np.ndarray:
 def elevate(features: jax.Array) -> jax.Array:
   """(N, d) features -> (N, d + 1) points on the hyperplane Σ x = 0.
 
-  Coordinate j (1 ≤ j ≤ d) is Σ_{i ≥ j} c_i − j·c_{j−1} and coordinate 0 is
-  Σ_i c_i, with c_i = f_i·scale_i (`_scale_factors`).
+  Adams, Baek & Davis (2010), the embedding E of the d-dimensional position
+  space into H_d, as `permutohedral.cpp` computes it: coordinate j
+  (1 ≤ j ≤ d) is Σ_{i ≥ j} c_i − j·c_{j−1} and coordinate 0 is Σ_i c_i,
+  with c_i = f_i·scale_i (`_scale_factors`).  Hand-computed in
+  tests/test_lattice.py (d = 2).
   """
   d = features.shape[-1]
   scaled = features.astype(jnp.float32) * _scale_factors(d)
@@ -105,6 +108,15 @@ def elevate(features: jax.Array) -> jax.Array:
 def simplex(elevated: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The enclosing simplex of each elevated point.
 
+  Adams, Baek & Davis (2010), splatting: the nearest remainder-0 point, the
+  permutation (rank) that sorts the residual, and the barycentric
+  coordinates of the point in the simplex (the rules and tie-breaks of
+  `permutohedral.cpp`, module docstring).  Hand-computed in
+  tests/test_lattice.py (d = 1).
+
+  Args:
+    elevated: (N, d + 1) points on Σ x = 0 (`elevate`).
+
   Returns:
     rem0: (N, d + 1) int32, the nearest remainder-0 lattice point (after the
       sum correction).
@@ -112,7 +124,7 @@ def simplex(elevated: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     barycentric: (N, d + 1) float32 weights of the vertices of remainder
       0..d.
   """
-  n, d1 = elevated.shape
+  d1 = elevated.shape[1]
   d = d1 - 1
   down_factor = jnp.float32(1.0 / d1)      # the C++ multiplies by 1/(d+1)
   down = elevated * down_factor
@@ -141,7 +153,6 @@ def simplex(elevated: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   bary = jnp.sum(v[:, :, None] * (first.astype(jnp.float32)
                                   - second.astype(jnp.float32)), axis=1)
   bary = bary.at[:, 0].add(1.0 + bary[:, d + 1])
-  del n
   return rem0, rank, bary[:, :d1]
 
 
@@ -176,13 +187,17 @@ def _find(table: jax.Array, queries: jax.Array, missing: int) -> jax.Array:
   return jnp.where(hit, row, missing).astype(jnp.int32)
 
 
-def _sorted_vertices(features: jax.Array):
-  """(bary, permutation, sorted keys, row of each sorted entry, M) for the
-  N·(d + 1) simplex vertices of (N, d) features."""
+def _check_features(features: jax.Array) -> tuple[int, int]:
   if features.ndim != 2 or features.shape[1] < 1:
     raise ValueError(f'lattice: features must be (N, d) with d >= 1, got '
                      f'{features.shape}.')
-  n, d = features.shape
+  return features.shape
+
+
+def _sorted_vertices(features: jax.Array):
+  """(bary, permutation, sorted keys, row of each sorted entry, M) for the
+  N·(d + 1) simplex vertices of (N, d) features."""
+  n, d = _check_features(features)
   size = n * (d + 1)
   rem0, rank, bary = simplex(elevate(features))
   canonical = jnp.asarray(_canonical(d))
@@ -222,7 +237,7 @@ def build(features: jax.Array, capacity: int | None = None) -> Lattice:
   a bound (`vertex_count`, `capacity_for`) passes it.  Vertices beyond the
   capacity are dropped (their splats lost): check `overflowed`.
   """
-  n, d = features.shape if features.ndim == 2 else (0, 0)
+  n, d = _check_features(features)
   bary, permutation, sorted_keys, row_of_sorted, num_vertices = (
       _sorted_vertices(features))
   d1 = d + 1

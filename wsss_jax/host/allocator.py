@@ -48,13 +48,10 @@ def _libc():
   """The process's C library if it is glibc (it has `mallopt`), else None."""
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    version = libc.gnu_get_libc_version
-  except (OSError, AttributeError):
+  except OSError:
     return None
-  version.restype = ctypes.c_char_p
-  if not hasattr(libc, 'mallopt'):
-    return None
-  return libc
+  glibc = hasattr(libc, 'gnu_get_libc_version') and hasattr(libc, 'mallopt')
+  return libc if glibc else None
 
 
 def keep_freed_memory() -> dict[int, int]:
