@@ -187,6 +187,50 @@ def test_a_tight_capacity_gives_the_same_filter():
   assert bool(lattice.overflowed(small))
 
 
+def test_a_batch_is_one_table_and_filters_each_image_alone():
+  rng = np.random.default_rng(8)
+  # Two images with very different vertex counts, in one table.
+  spread = np.repeat(rng.normal(size=(1, 80, 3)) * 4, 2, axis=0)
+  spread[1] = np.repeat(spread[1, :8], 10, axis=0)
+  features = jnp.asarray(spread, jnp.float32)
+  values = jnp.asarray(rng.normal(size=(2, 80, 4)), jnp.float32)
+  counts = np.asarray(lattice.vertex_count(features))
+  assert counts.shape == (2,) and counts[1] < counts[0]
+  for image in range(2):
+    assert counts[image] == int(lattice.vertex_count(features[image]))
+  # One table for the batch: its capacity bounds the sum of the counts.
+  total = int(counts.sum())
+  batch = lattice.build(features, total)
+  assert batch.vertex.shape == (2, 80, 4)
+  assert not bool(lattice.overflowed(batch))
+  for image in range(2):
+    np.testing.assert_allclose(
+        lattice.filter_values(batch, values)[image],
+        lattice.filter_values(lattice.build(features[image]),
+                              values[image]), atol=1e-5)
+  assert bool(lattice.overflowed(lattice.build(features, total - 1)))
+
+
+def test_keys_too_wide_to_pack_fall_back_to_one_word_per_column():
+  # Two clusters 40,000 lattice units apart: the (image, x, y) key ranges
+  # multiply to more than 2^31, so the table sorts one column per word.
+  rng = np.random.default_rng(9)
+  cluster = rng.normal(size=(10, 2)).astype(np.float32)
+  features = jnp.asarray(np.concatenate([cluster, cluster + 40000.0]))
+  keys, _ = lattice._vertex_keys(features[None])  # pylint: disable=protected-access
+  groups = lattice._word_groups(3, 3)  # pylint: disable=protected-access
+  assert not bool(lattice._fits(keys.radix, groups))  # pylint: disable=protected-access
+  values = jnp.asarray(rng.normal(size=(20, 2)), jnp.float32)
+  both = lattice.gaussian_filter(features, values)
+  # Far apart, the clusters do not interact: each filters as if alone.
+  for part in (slice(0, 10), slice(10, 20)):
+    np.testing.assert_allclose(
+        both[part], lattice.gaussian_filter(features[part], values[part]),
+        atol=1e-5)
+  assert int(lattice.vertex_count(features)) == 2 * int(
+      lattice.vertex_count(features[:10]))
+
+
 # ----------------------------------------------------------------------------
 # Against the exact Gaussian
 # ----------------------------------------------------------------------------
@@ -236,7 +280,7 @@ def test_dense_crf_agrees_with_pydensecrf_on_a_real_image(params):
   probs = _corrupted_probs(gt, blur=5.0)
   reference = host_crf.dense_crf(image, probs, params)
   capacity = jax_crf.lattice_capacity(jnp.asarray(image)[None], params)
-  assert capacity < image.shape[0] * image.shape[1] * 6
+  assert max(capacity) < image.shape[0] * image.shape[1] * 6
   ours = np.asarray(jax.jit(lambda i, p: jax_crf.dense_crf(
       i, p, params, capacity))(jnp.asarray(image),
                                jnp.asarray(probs.transpose(1, 2, 0))))
@@ -244,6 +288,23 @@ def test_dense_crf_agrees_with_pydensecrf_on_a_real_image(params):
   agreement = np.mean(ours.argmax(0) == reference.argmax(0))
   assert agreement >= 0.995, agreement
   assert np.max(np.abs(ours - reference)) < 0.05
+
+
+def test_a_batch_gives_each_image_its_own_marginals():
+  # The bilateral lattices share one table and the Gaussian kernel filters
+  # the batch as extra channels: each image as if alone.
+  image, gt = _voc('2007_000243')
+  crops = [(100, 150), (20, 40)]
+  images = np.stack([image[r:r + 40, c:c + 56] for r, c in crops])
+  probs = np.stack([_corrupted_probs(gt[r:r + 40, c:c + 56])[:5].transpose(
+      1, 2, 0) for r, c in crops])
+  params = host_crf.CrfParams(iterations=4)
+  batch = jax_crf.dense_crf(jnp.asarray(images), jnp.asarray(probs), params)
+  for k in range(2):
+    np.testing.assert_allclose(
+        batch[k], jax_crf.dense_crf(jnp.asarray(images[k]),
+                                    jnp.asarray(probs[k]), params),
+        atol=1e-5)
 
 
 def test_dense_crf_degenerate_inputs_are_finite():
@@ -262,14 +323,20 @@ def test_dense_crf_degenerate_inputs_are_finite():
 
 
 def test_the_jax_crf_serves_as_the_host_crf_backend():
-  from wsss_jax.crf import backend  # pylint: disable=g-import-not-at-top
-  del backend                       # importing it registers 'jax'
+  # Importing the backend registers 'jax'.
+  from wsss_jax.crf import backend as backend_lib  # pylint: disable=g-import-not-at-top
   image, gt = _voc('2007_000243')
   image, gt = np.ascontiguousarray(image[150:214, 200:280]), gt[150:214,
                                                                 200:280]
   probs = _corrupted_probs(gt)[[0, 1, 2, 15]]
   params = host_crf.CrfParams(iterations=5)
+  # A flat image of the same size first: the capacities it leaves are too
+  # small for the real one, which must count its vertices and run again.
+  host_crf.get_backend('jax')(np.full_like(image, 90), probs, params)
+  key = (image.shape, 4, params)
+  flat_capacity = backend_lib._capacities[key]  # pylint: disable=protected-access
   ours = host_crf.get_backend('jax')(image, probs, params)
+  assert backend_lib._capacities[key][1] > flat_capacity[1]  # pylint: disable=protected-access
   reference = host_crf.get_backend('pydensecrf')(image, probs, params)
   assert ours.shape == reference.shape and ours.dtype == np.float32
   assert np.mean(ours.argmax(0) == reference.argmax(0)) >= 0.995

@@ -23,9 +23,14 @@ from wsss_jax.host import crf as host_crf
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(params: host_crf.CrfParams, capacity: int):
-  return jax.jit(lambda image, probs: jax_crf.dense_crf(image, probs, params,
-                                                        capacity))
+def _compiled(params: host_crf.CrfParams, capacity: tuple[int, ...]):
+  return jax.jit(lambda image, probs: jax_crf.dense_crf_and_overflow(
+      image, probs, params, capacity))
+
+
+# (image shape, labels, params) -> the capacities that held every image so
+# far.
+_capacities: dict[tuple, tuple[int, ...]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +42,18 @@ class JaxCrfBackend:
                params: host_crf.CrfParams) -> np.ndarray:
     image, probs = host_crf.check_inputs(image, probs)
     device_image = jnp.asarray(image)
-    capacity = jax_crf.lattice_capacity(device_image[None], params)
-    marginals = _compiled(params, capacity)(
-        device_image, jnp.asarray(probs.transpose(1, 2, 0)))
+    device_probs = jnp.asarray(probs.transpose(1, 2, 0))
+    key = (image.shape, probs.shape[0], params)
+    capacity = _capacities.get(key)
+    if capacity is None:
+      capacity = jax_crf.lattice_capacity(device_image, params)
+    marginals, overflowed = _compiled(params, capacity)(device_image,
+                                                        device_probs)
+    if bool(overflowed):
+      capacity = tuple(max(old, new) for old, new in zip(
+          capacity, jax_crf.lattice_capacity(device_image, params)))
+      marginals, _ = _compiled(params, capacity)(device_image, device_probs)
+    _capacities[key] = capacity
     return np.asarray(marginals, np.float32).transpose(2, 0, 1)
 
 

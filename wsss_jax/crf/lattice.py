@@ -25,14 +25,17 @@ equals theirs up to float rounding:
 * slicing scaled by 1 / (1 + 2^-d).
 
 What differs is the hash table, which must live inside `jit` with static
-shapes: the N·(d + 1) integer vertex keys are sorted lexicographically
-(`lax.sort` with d key operands); equal neighbours in the sorted order share
-a lattice index (a cumulative sum of "key changed" flags), so the table has
-a fixed capacity of N·(d + 1) rows of which the first M are used.  A
-vertex's blur neighbours (its key ± (1, …, 1) with ∓(d + 1) added on one
-axis) are found by a vectorised binary search of the sorted table.  Nothing
-leaves the device; the table is built once per image (`build`) and reused by
-every filtering (`filter_values`), e.g. the iterations of a mean-field CRF.
+shapes.  The N·(d + 1) integer vertex keys of every image, with the image
+index as a leading column, are packed into a few uint32 words (mixed radix
+over the columns' value ranges, up to three columns a word; one word per
+column when the ranges are too wide) and sorted (`lax.sort`).  Equal
+neighbours in the sorted order share a lattice row (a cumulative sum of
+"key changed" flags), so the table has a fixed capacity K of rows of which
+the first M (all images' vertices) are used.  A vertex's blur neighbours
+(its key ± (1, …, 1) with ∓(d + 1) added on one axis) are found by a
+vectorised binary search of the sorted table.  Nothing leaves the device; the table
+is built once per batch (`build`) and reused by every filtering
+(`filter_values`), e.g. the iterations of a mean-field CRF.
 
 The filter is linear in the values.  Its transpose is the same splat and
 slice with the blur directions in the reverse order (`reverse=True`), which
@@ -51,17 +54,19 @@ import numpy as np
 
 
 class Lattice(NamedTuple):
-  """One image's lattice (all arrays of static shape; P = N·(d + 1)).
+  """The lattices of a batch of images in one table of K rows (static
+  shapes).
 
   Attributes:
-    vertex: (N, d + 1) int32, the table row of each point's simplex
-      vertices.
-    weight: (N, d + 1) float32 barycentric weights (each row sums to 1).
-    neighbours: (d + 1, 2, K) int32, K the table's capacity (P unless
-      `build` was given less): for blur direction j, the rows of the two
-      neighbours of every table row; K (the zero row) where absent.
-    num_vertices: () int32, M, the number of distinct vertices (rows in
-      use when M ≤ K).
+    vertex: (..., N, d + 1) int32, the table row of each point's simplex
+      vertices (row K is the zero row, which also takes vertices dropped
+      for want of capacity).
+    weight: (..., N, d + 1) float32 barycentric weights (each row sums to
+      1).
+    neighbours: (d + 1, 2, K) int32: for blur direction j, the rows of the
+      two neighbours of every table row; the zero row K where absent.
+    num_vertices: (...) int32, M per image, the number of distinct vertices
+      (the table's first sum(M) rows are in use when sum(M) ≤ K).
   """
   vertex: jax.Array
   weight: jax.Array
@@ -165,7 +170,7 @@ def _lex_less(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _find(table: jax.Array, queries: jax.Array, missing: int) -> jax.Array:
-  """Row of each query in the lexicographically sorted (P, d) table, or
+  """Row of each query in the lexicographically sorted (R, W) table, or
   `missing`."""
   size = table.shape[0]
 
@@ -188,37 +193,128 @@ def _find(table: jax.Array, queries: jax.Array, missing: int) -> jax.Array:
 
 
 def _check_features(features: jax.Array) -> tuple[int, int]:
-  if features.ndim != 2 or features.shape[1] < 1:
-    raise ValueError(f'lattice: features must be (N, d) with d >= 1, got '
-                     f'{features.shape}.')
-  return features.shape
+  if features.ndim < 2 or features.shape[-1] < 1:
+    raise ValueError(f'lattice: features must be (..., N, d) with d >= 1, '
+                     f'got {features.shape}.')
+  return features.shape[-2:]
 
 
-def _sorted_vertices(features: jax.Array):
-  """(bary, permutation, sorted keys, row of each sorted entry, M) for the
-  N·(d + 1) simplex vertices of (N, d) features."""
-  n, d = _check_features(features)
-  size = n * (d + 1)
-  rem0, rank, bary = simplex(elevate(features))
+# Keys are packed into uint32 words of up to this many columns (the image
+# index is a column too) when their value ranges allow; sorting and
+# searching 2 words instead of d + 1 columns halves the build on a CPU.
+_COLUMNS_PER_WORD = 3
+_PACKED_LIMIT = 2.0 ** 31    # < 2^32 with room for float32 rounding
+_EMPTY = np.uint32(0xFFFFFFFF)   # no packed or single-column word reaches it
+
+
+def _word_groups(columns: int, per_word: int) -> tuple[tuple[int, ...], ...]:
+  return tuple(tuple(range(start, min(start + per_word, columns)))
+               for start in range(0, columns, per_word))
+
+
+def _encode(columns: jax.Array, low: jax.Array, radix: jax.Array,
+            groups: tuple[tuple[int, ...], ...]
+            ) -> tuple[jax.Array, jax.Array]:
+  """(..., c) int32 columns -> ((..., W) uint32 words, (...) in range).
+
+  Each word is a mixed-radix number of its group's columns (offset by
+  `low`, digit k in base `radix[k]`, the group's first column the most
+  significant): one-to-one on keys within the ranges
+  when each group's radix product is below 2^32 (`_fits`).  Keys outside the
+  ranges (a neighbour beyond the data) are flagged, not encoded.
+  """
+  offset = columns - low
+  valid = jnp.all((offset >= 0) & (offset < radix), axis=-1)
+  offset = offset.astype(jnp.uint32)
+  base = radix.astype(jnp.uint32)
+  words = []
+  for group in groups:
+    # The first column is the most significant digit, so that the words
+    # sort the keys by image first.
+    word = offset[..., group[0]]
+    for k in group[1:]:
+      word = word * base[k] + offset[..., k]
+    words.append(word)
+  return jnp.stack(words, axis=-1), valid
+
+
+def _fits(radix: jax.Array, groups) -> jax.Array:
+  radix = radix.astype(jnp.float32)
+  return functools.reduce(jnp.logical_and, [
+      jnp.prod(radix[np.asarray(group)]) <= _PACKED_LIMIT for group in groups])
+
+
+class _Keys(NamedTuple):
+  """The N·(d + 1) vertex keys of B images, with the image index."""
+  columns: jax.Array      # (B·N·(d + 1), d + 1) int32: image, key[:d]
+  low: jax.Array          # (d + 1,) column minima
+  radix: jax.Array        # (d + 1,) column ranges + 1
+  per_image: int          # N·(d + 1)
+
+
+def _vertex_keys(features: jax.Array) -> tuple[_Keys, jax.Array]:
+  """The keys of every point's simplex vertices, and the (B·N, d + 1)
+  barycentric weights, of (B, N, d) features."""
+  images, n, d = features.shape
+  rem0, rank, bary = simplex(elevate(features.reshape(images * n, d)))
   canonical = jnp.asarray(_canonical(d))
   # Vertex k of point i: rem0 + canonical[k, rank]; its key is the first d
   # coordinates (the last follows from Σ = 0).
   keys = rem0[:, None, :] + canonical[:, rank].transpose(1, 0, 2)
-  keys = keys[:, :, :d].reshape(size, d)
-  order = jnp.arange(size, dtype=jnp.int32)
-  *sorted_keys, permutation = jax.lax.sort(
-      tuple(keys[:, k] for k in range(d)) + (order,), num_keys=d)
-  sorted_keys = jnp.stack(sorted_keys, axis=1)
+  per_image = n * (d + 1)
+  image = jnp.repeat(jnp.arange(images, dtype=jnp.int32), per_image)
+  columns = jnp.concatenate([image[:, None],
+                             keys[:, :, :d].reshape(images * per_image, d)],
+                            axis=1)
+  low = jnp.min(columns, axis=0)
+  radix = jnp.max(columns, axis=0) - low + 1
+  return _Keys(columns, low, radix, per_image), bary
+
+
+def _sort(keys: _Keys, groups):
+  """Sorted words, the permutation, each sorted entry's global vertex rank
+  and the per-image (first rank, vertex count)."""
+  words, _ = _encode(keys.columns, keys.low, keys.radix, groups)
+  order = jnp.arange(words.shape[0], dtype=jnp.int32)
+  *sorted_words, permutation = jax.lax.sort(
+      tuple(words[:, k] for k in range(words.shape[1])) + (order,),
+      num_keys=words.shape[1])
+  sorted_words = jnp.stack(sorted_words, axis=1)
   changed = jnp.concatenate([jnp.ones((1,), bool), jnp.any(
-      sorted_keys[1:] != sorted_keys[:-1], axis=1)])
-  row_of_sorted = jnp.cumsum(changed.astype(jnp.int32)) - 1
-  return bary, permutation, sorted_keys, row_of_sorted, row_of_sorted[-1] + 1
+      sorted_words[1:] != sorted_words[:-1], axis=1)])
+  rank = jnp.cumsum(changed.astype(jnp.int32)) - 1
+  # The image is the leading column, so image b's entries are the sorted
+  # positions [b·per_image, (b + 1)·per_image).
+  first = rank[::keys.per_image]
+  count = rank[keys.per_image - 1::keys.per_image] - first + 1
+  return sorted_words, permutation, rank, first, count
+
+
+def _packed_or_not(keys: _Keys, function):
+  """function(groups) with the packed words when the key ranges fit in
+  them, else with one word per column (always one-to-one)."""
+  columns = keys.columns.shape[1]
+  packed = _word_groups(columns, _COLUMNS_PER_WORD)
+  single = _word_groups(columns, 1)
+  if packed == single:
+    return function(single)
+  return jax.lax.cond(_fits(keys.radix, packed),
+                      lambda: function(packed), lambda: function(single))
+
+
+def _as_batch(features: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+  n, d = _check_features(features)
+  batch = features.shape[:-2]
+  return features.reshape((int(np.prod(batch, dtype=int)), n, d)), batch
 
 
 def vertex_count(features: jax.Array) -> jax.Array:
-  """M, the number of distinct lattice vertices of (N, d) features (to
-  choose a `capacity`)."""
-  return _sorted_vertices(features)[-1]
+  """M, the number of distinct lattice vertices of (..., N, d) features,
+  one per image (..., ), to choose a `capacity`."""
+  flat, batch = _as_batch(features)
+  keys, _ = _vertex_keys(flat)
+  return _packed_or_not(keys, lambda groups: _sort(keys, groups)[-1]
+                        ).reshape(batch)
 
 
 def capacity_for(count: int, minimum: int = 64) -> int:
@@ -227,80 +323,113 @@ def capacity_for(count: int, minimum: int = 64) -> int:
   return max(minimum, 1 << max(0, int(count) - 1).bit_length())
 
 
-def build(features: jax.Array, capacity: int | None = None) -> Lattice:
-  """The lattice of one image's (N, d) features (d ≥ 1, float).
-
-  `capacity` (static) is the number of table rows: N·(d + 1) by default,
-  which always suffices.  Real images use far fewer vertices than that
-  (a 500×375 photo: 8,000 of 1.1 million for BANA's bilateral kernel), and
-  the blur and the neighbour search cost O(capacity), so a caller that knows
-  a bound (`vertex_count`, `capacity_for`) passes it.  Vertices beyond the
-  capacity are dropped (their splats lost): check `overflowed`.
-  """
-  n, d = _check_features(features)
-  bary, permutation, sorted_keys, row_of_sorted, num_vertices = (
-      _sorted_vertices(features))
-  d1 = d + 1
-  size = n * d1
-  capacity = size if capacity is None else int(capacity)
-  if capacity < 1:
-    raise ValueError(f'lattice.build: capacity must be >= 1, got {capacity}.')
-  kept = jnp.where(row_of_sorted < capacity, row_of_sorted, capacity)
-  vertex = jnp.zeros((size,), jnp.int32).at[permutation].set(kept)
-  # The table: row r holds the r-th distinct key; unused rows hold the
-  # largest key, so the whole table stays sorted for the binary search.
-  fill = jnp.iinfo(jnp.int32).max
-  table = jnp.full((capacity, d), fill, jnp.int32).at[row_of_sorted].set(
-      sorted_keys, mode='drop')
+def _hash_table(keys: _Keys, capacity: int, groups):
+  """(table row of every key, (d + 1, 2, K) blur neighbours, vertex count
+  per image): the batch's vertices in rows [0, K), K the capacity, sorted
+  by image and key; row K is the zero row."""
+  sorted_words, permutation, rank, _, count = _sort(keys, groups)
+  slot = jnp.where(rank < capacity, rank, capacity)
+  vertex = jnp.zeros_like(slot).at[permutation].set(slot,
+                                                    unique_indices=True)
+  # The table: row r holds the r-th distinct key of the batch (the image
+  # index its leading column); unused rows hold _EMPTY, above every key, so
+  # the table stays sorted for the binary search.
+  table = jnp.full((capacity, sorted_words.shape[1]), _EMPTY,
+                   jnp.uint32).at[slot].set(sorted_words, mode='drop')
+  table_columns = jnp.zeros((capacity, keys.columns.shape[1]),
+                            jnp.int32).at[slot].set(
+                                keys.columns[permutation], mode='drop')
   rows = jnp.arange(capacity, dtype=jnp.int32)
-  used = rows < num_vertices
+  used = rows <= rank[-1]
+  d = keys.columns.shape[1] - 1
   neighbours = []
-  for j in range(d1):
-    plus = jnp.ones((d,), jnp.int32)
+  for j in range(d + 1):
+    # Neighbour along direction j: key + (1, ..., 1) with -d on axis j (the
+    # image column unchanged).
+    plus = np.ones((d + 1,), np.int32)
+    plus[0] = 0
     if j < d:
-      plus = plus.at[j].set(-d)
-    first = jnp.where(used, _find(table, table + plus, capacity), capacity)
+      plus[1 + j] = -d
+    query, inside = _encode(table_columns + plus, keys.low, keys.radix,
+                            groups)
+    found = _find(table, query, capacity)
+    first = jnp.where(used & inside, found, capacity)
     # The other neighbour needs no search: b = key − offset exactly when
     # key = b + offset, so it is the inverse map of `first` (one-to-one on
     # the rows found; rows not found point at the zero row).
-    second = jnp.full((capacity + 1,), capacity, jnp.int32).at[first].set(
-        rows)[:capacity]
+    second = jnp.full((capacity,), capacity, jnp.int32).at[first].set(
+        rows, mode='drop')
     neighbours.append(jnp.stack([first, second]))
-  return Lattice(vertex=vertex.reshape(n, d1), weight=bary,
-                 neighbours=jnp.stack(neighbours),
-                 num_vertices=num_vertices)
+  return vertex, jnp.stack(neighbours), count
+
+
+def build(features: jax.Array, capacity: int | None = None) -> Lattice:
+  """The lattices of (..., N, d) features (d ≥ 1, float): one per image of
+  the leading batch axes, in one table.
+
+  `capacity` (static) is the number of table rows for the whole batch:
+  B·N·(d + 1) by default, which always suffices.  Real images use far fewer
+  vertices than that (a 500×375 photo: 8,000 to 310,000 of 1.1 million for
+  BANA's bilateral kernel), and the blur and the neighbour search cost
+  O(capacity), so a caller that knows a bound (the sum of `vertex_count`
+  over the batch, `capacity_for`) passes it.  Vertices beyond the capacity
+  are dropped (their splats lost): check `overflowed`.
+
+  The batch is one flat table rather than a vmap: XLA:CPU runs a flat
+  gather or scatter several times faster than a batched one.
+  """
+  flat, batch = _as_batch(features)
+  images, n, d = flat.shape
+  capacity = images * n * (d + 1) if capacity is None else int(capacity)
+  if capacity < 1:
+    raise ValueError(f'lattice.build: capacity must be >= 1, got {capacity}.')
+  keys, bary = _vertex_keys(flat)
+  vertex, neighbours, count = _packed_or_not(
+      keys, functools.partial(_hash_table, keys, capacity))
+  return Lattice(vertex=vertex.reshape(batch + (n, d + 1)),
+                 weight=bary.reshape(batch + (n, d + 1)),
+                 neighbours=neighbours, num_vertices=count.reshape(batch))
 
 
 def overflowed(lattice: Lattice) -> jax.Array:
   """Whether `build`'s capacity was too small (the filter is then wrong)."""
-  return lattice.num_vertices > lattice.neighbours.shape[-1]
+  return jnp.sum(lattice.num_vertices) > lattice.neighbours.shape[-1]
 
 
 def _splat_blur_slice(lattice: Lattice, values: jax.Array,
                       reverse: bool) -> jax.Array:
-  n, d1 = lattice.vertex.shape
-  capacity = lattice.neighbours.shape[-1]
-  channels = values.shape[1]
-  weighted = (lattice.weight[:, :, None] * values[:, None, :]).reshape(
-      n * d1, channels)
-  # Row `capacity` is the zero row: absent neighbours and dropped vertices.
-  grid = jax.ops.segment_sum(weighted, lattice.vertex.reshape(n * d1),
-                             num_segments=capacity + 1)
-  grid = grid.at[capacity].set(0.0)
+  d1 = lattice.vertex.shape[-1]
+  rows = lattice.neighbours.shape[-1]           # K; row K is zero
+  channels = values.shape[-1]
+  # The barriers keep each stage a materialised array: fused together, XLA
+  # recomputes gathers of gathers (the filter ran 2.6× slower on a CPU).
+  barrier = jax.lax.optimization_barrier
+  weighted = barrier((lattice.weight[..., None] * values[..., None, :]
+                      ).reshape(-1, channels))
+  grid = jax.ops.segment_sum(weighted, lattice.vertex.reshape(-1),
+                             num_segments=rows + 1)
+  # Dropped vertices (over capacity) splat onto the zero row: clear it.
+  grid = grid.at[rows].set(0.0)
+  zero = jnp.zeros((1, channels), grid.dtype)
   directions = range(d1 - 1, -1, -1) if reverse else range(d1)
   for j in directions:
     first, second = lattice.neighbours[j]
-    blurred = grid[:capacity] + 0.5 * (grid[first] + grid[second])
-    grid = jnp.concatenate([blurred, jnp.zeros((1, channels), grid.dtype)])
+    grid = barrier(grid)
+    # The zero row is appended, not blurred in place: updating the whole
+    # grid from gathers of itself ran 3× slower on a CPU.
+    grid = jnp.concatenate(
+        [grid[:rows] + 0.5 * (grid[first] + grid[second]), zero])
+  grid = barrier(grid)
   alpha = 1.0 / (1.0 + 2.0 ** (-(d1 - 1)))
-  sliced = grid[lattice.vertex] * lattice.weight[:, :, None]
-  return alpha * jnp.sum(sliced, axis=1)
+  sliced = grid[lattice.vertex] * lattice.weight[..., None]
+  return alpha * jnp.sum(sliced, axis=-2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def filter_values(lattice: Lattice, values: jax.Array,
                   reverse: bool = False) -> jax.Array:
-  """(N, C) values -> (N, C) lattice-filtered values (splat, blur, slice).
+  """(..., N, C) values -> (..., N, C) lattice-filtered values (splat,
+  blur, slice), the batch axes those of `build`'s features.
 
   `reverse=True` blurs the directions in the reverse order: the transpose
   of the forward filter, which the VJP applies to the cotangent.
@@ -324,6 +453,6 @@ filter_values.defvjp(_filter_fwd, _filter_bwd)
 
 
 def gaussian_filter(features: jax.Array, values: jax.Array) -> jax.Array:
-  """One-shot: `filter_values(build(features), values)` for (N, d) features
-  and (N, C) values."""
+  """One-shot: `filter_values(build(features), values)` for (..., N, d)
+  features and (..., N, C) values."""
   return filter_values(build(jax.lax.stop_gradient(features)), values)
