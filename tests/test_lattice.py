@@ -177,7 +177,11 @@ def test_a_tight_capacity_gives_the_same_filter():
   count = int(lattice.vertex_count(features))
   assert count < 200 * 4
   capacity = lattice.capacity_for(count)
-  assert capacity >= count and capacity & (capacity - 1) == 0
+  assert count <= capacity <= max(64, 1.25 * count)
+  # Counts of one bucket share the capacity (and so the compilation).
+  assert lattice.capacity_for(capacity) == capacity
+  assert [lattice.capacity_for(c) for c in (1, 64, 65, 1000, 1025, 1147394)
+          ] == [64, 64, 80, 1024, 1280, 1310720]
   full, tight = lattice.build(features), lattice.build(features, capacity)
   assert not bool(lattice.overflowed(tight))
   assert tight.neighbours.shape[-1] == capacity

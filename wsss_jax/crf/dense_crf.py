@@ -147,7 +147,7 @@ def _vertex_counts(images: jax.Array, params: CrfParams) -> list[jax.Array]:
 def lattice_capacity(images: jax.Array, params: CrfParams
                      ) -> tuple[int, ...]:
   """Table capacities, one per kernel with a non-zero weight (Gaussian,
-  bilateral), for a (..., H, W, 3) batch: the next power of two of the
+  bilateral), for a (..., H, W, 3) batch: `lattice.capacity_for` of the
   vertex count (the batch's, summed over its images; the Gaussian kernel's
   of one image, which it shares).  Host ints, for `dense_crf`'s static
   `capacity`; costs one sort per kernel."""

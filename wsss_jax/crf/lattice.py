@@ -318,9 +318,14 @@ def vertex_count(features: jax.Array) -> jax.Array:
 
 
 def capacity_for(count: int, minimum: int = 64) -> int:
-  """A static capacity for `count` vertices: the next power of two (so that
-  images of one size share a few compilations)."""
-  return max(minimum, 1 << max(0, int(count) - 1).bit_length())
+  """A static capacity for `count` vertices: `count` rounded up to a
+  multiple of an eighth of its power of two (4/8 … 8/8 of it), so that at
+  most 25 % of the rows go unused and images of one size share a few
+  compilations (the rounding to a power of two left up to half the table
+  unused, and the blur and search cost O(rows))."""
+  count = max(int(count), minimum)
+  step = 1 << max(0, (count - 1).bit_length() - 3)
+  return -(-count // step) * step
 
 
 def _hash_table(keys: _Keys, capacity: int, groups):
@@ -421,8 +426,13 @@ def _splat_blur_slice(lattice: Lattice, values: jax.Array,
         [grid[:rows] + 0.5 * (grid[first] + grid[second]), zero])
   grid = barrier(grid)
   alpha = 1.0 / (1.0 + 2.0 ** (-(d1 - 1)))
-  sliced = grid[lattice.vertex] * lattice.weight[..., None]
-  return alpha * jnp.sum(sliced, axis=-2)
+  # One gather per simplex vertex, accumulated: gathering all d + 1 at once
+  # into an (..., N, d + 1, C) array and summing ran 2× slower on a CPU.
+  sliced = 0.0
+  for k in range(d1):
+    sliced = sliced + grid[lattice.vertex[..., k]] * lattice.weight[..., k,
+                                                                    None]
+  return alpha * sliced
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
