@@ -5,13 +5,15 @@
   python experiments/benchmark_crf.py --smoke      # tiny sizes: the device
                                                    # check's dry run
 
-On the real VOC images of tests/data/voc_mini (unaries: the ground truth,
-one-hot, blurred, plus uniform noise; `tests/test_crf.py`'s rule):
+On the real VOC images of tests/data/voc_mini and on the embedded
+benchmark's validation images (unaries: the ground truth, one-hot, blurred,
+plus uniform noise; `tests/test_crf.py`'s rule):
 
 * agreement: labels (argmax of the marginals) of `wsss_jax.crf.dense_crf`
   against pydensecrf's, and the largest marginal difference, per parameter
-  set (BANA's stage-2 and test CRFs, DeepLab-v2's; the full run adds RRM's
-  label and test CRFs);
+  set (BANA's stage-2 CRF; the full run adds BANA's test CRF, DeepLab-v2's
+  and RRM's label and test CRFs) on the VOC images and on the benchmark's
+  (8 with --quick, 50 in the full run);
 * speed: images/s at 500x375 (the images resized to it), 21 labels, 10
   iterations, on the same images: JAX (jitted, batch 8, compile timed
   separately), pydensecrf in this process, and the project's 2-worker host
@@ -48,7 +50,9 @@ from scipy import ndimage  # noqa: E402  pylint: disable=wrong-import-position
 
 from wsss_jax.crf import dense_crf as jax_crf  # noqa: E402  pylint: disable=wrong-import-position
 from wsss_jax.crf import exact, lattice  # noqa: E402  pylint: disable=wrong-import-position
-from wsss_jax.data import label_png  # noqa: E402  pylint: disable=wrong-import-position
+from wsss_jax.data import label_png, schema  # noqa: E402  pylint: disable=wrong-import-position
+from wsss_jax.data.shapes import builder as shapes_builder  # noqa: E402  pylint: disable=wrong-import-position
+from wsss_jax.data.shapes import encode  # noqa: E402  pylint: disable=wrong-import-position
 from wsss_jax.host import crf as host_crf  # noqa: E402  pylint: disable=wrong-import-position
 
 VOC_MINI = os.path.join(REPO, 'tests', 'data', 'voc_mini')
@@ -92,9 +96,25 @@ def voc_samples(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
   return samples
 
 
-def noisy_probs(gt: np.ndarray, seed: int) -> np.ndarray:
-  labels = np.where(gt == 255, 0, gt)
-  onehot = (np.arange(NUM_CLASSES)[:, None, None] == labels[None])
+def benchmark_samples(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(RGB uint8 image, (7, H, W) noisy probabilities) of the first `count`
+  validation images of the embedded benchmark (`shapes`, the configs'
+  default: 128², 6 classes), rendered in memory."""
+  settings = encode.RenderSettings.of(shapes_builder.shapes_config())
+  samples = []
+  for index in range(count):
+    example = encode.render_indexed(settings, 'val', index)
+    samples.append((example[schema.IMAGE], noisy_probs(
+        example[schema.MASK], seed=index, labels=settings.num_classes + 1)))
+  return samples
+
+
+def noisy_probs(gt: np.ndarray, seed: int,
+                labels: int = NUM_CLASSES) -> np.ndarray:
+  """The ground truth (255 as background), one-hot over `labels` classes,
+  blurred (σ 6 px) plus uniform noise, normalised."""
+  gt = np.where(gt == 255, 0, gt)
+  onehot = (np.arange(labels)[:, None, None] == gt[None])
   blurred = ndimage.gaussian_filter(onehot.astype(np.float32), (0, 6, 6))
   noisy = blurred + 0.3 * np.random.RandomState(seed).rand(*blurred.shape)
   return (noisy / noisy.sum(axis=0, keepdims=True)).astype(np.float32)
@@ -265,6 +285,13 @@ def main(argv):
                          for name in sets}
   report['agreement_pct'] = report['agreement']['bana_labels'][
       'agreement_pct']
+  # The embedded benchmark's validation images (128², 7 labels).
+  shapes = benchmark_samples(2 if smoke else 8 if quick else 50)
+  report['benchmark_agreement'] = {name: agreement(shapes,
+                                                   PARAMETER_SETS[name])
+                                   for name in sets}
+  report['benchmark_agreement_pct'] = report['benchmark_agreement'][
+      'bana_labels']['agreement_pct']
   voc_size = samples if smoke else resized(samples, 375, 500, NUM_CLASSES)
   report['speed_500x375_21'] = speed(voc_size, PARAMETER_SETS['bana_labels'])
   report.update({key: report['speed_500x375_21'][key] for key in (

@@ -30,3 +30,14 @@ def test_measurements_on_small_images():
   accuracy = benchmark_crf.filter_accuracy(samples[0][0], 24, 8.0, 15.0)
   assert 0 <= accuracy['normalised_rel_error'] < 0.1
   assert 0.3 < accuracy['energy_ratio'] < 1.0
+
+
+def test_benchmark_samples_are_the_embedded_validation_images():
+  samples = benchmark_crf.benchmark_samples(2)
+  image, probs = samples[0]
+  assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+  assert probs.shape == (7, 128, 128)
+  np.testing.assert_allclose(probs.sum(0), 1.0, rtol=1e-5)
+  # Two different images, and the noisy unaries still follow the shapes.
+  assert not np.array_equal(samples[0][0], samples[1][0])
+  assert np.mean(probs.argmax(0) > 0) > 0.01

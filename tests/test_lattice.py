@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +20,7 @@ from wsss_jax.host import crf as host_crf
 
 from test_crf import _corrupted_probs, _voc  # pylint: disable=g-bad-import-order
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 # One lattice unit along a d = 1 feature: c = f·2/sqrt(3) (`_scale_factors`).
 UNIT_1D = np.sqrt(3.0) / 2.0
 
@@ -349,3 +355,19 @@ def test_the_jax_crf_serves_as_the_host_crf_backend():
   np.testing.assert_array_equal(labels, ours.argmax(0))
   with pytest.raises(ValueError, match='channel-first'):
     host_crf.get_backend('jax')(image, probs.transpose(1, 2, 0), params)
+
+
+# Slow: a fresh process with 4 devices compiles the CRF and the energy
+# gradient twice (sharded and not), about 20 s.
+@pytest.mark.slow
+def test_sharded_over_devices_equals_one_device():
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.path.dirname(HERE))
+  result = subprocess.run(
+      [sys.executable, os.path.join(HERE, 'four_devices_crf_check.py')],
+      env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for name, values in report.items():
+    assert values['devices'] == 4, (name, values)
+    assert values['max_diff'] < 1e-5, (name, values)

@@ -33,8 +33,8 @@ neighbours in the sorted order share a lattice row (a cumulative sum of
 "key changed" flags), so the table has a fixed capacity K of rows of which
 the first M (all images' vertices) are used.  A vertex's blur neighbours
 (its key ± (1, …, 1) with ∓(d + 1) added on one axis) are found by a
-vectorised binary search of the sorted table.  Nothing leaves the device; the table
-is built once per batch (`build`) and reused by every filtering
+vectorised binary search of the sorted table.  Nothing leaves the device;
+the table is built once per batch (`build`) and reused by every filtering
 (`filter_values`), e.g. the iterations of a mean-field CRF.
 
 The filter is linear in the values.  Its transpose is the same splat and
@@ -183,10 +183,11 @@ def _find(table: jax.Array, queries: jax.Array, missing: int) -> jax.Array:
 
   # A loop, not unrolled: XLA would fuse the unrolled steps into one
   # expression that recomputes every earlier step twice per step (2^steps).
-  low, _ = jax.lax.fori_loop(
-      0, int(np.ceil(np.log2(size + 1))), halve,
-      (jnp.zeros(queries.shape[:1], jnp.int32),
-       jnp.full(queries.shape[:1], size, jnp.int32)))
+  # The bounds start from the queries (full_like), not from constants, so
+  # that inside `shard_map` they vary over the devices as the loop's do.
+  first = jnp.zeros_like(queries[:, 0], jnp.int32)
+  low, _ = jax.lax.fori_loop(0, int(np.ceil(np.log2(size + 1))), halve,
+                             (first, first + size))
   row = jnp.minimum(low, size - 1)
   hit = (low < size) & jnp.all(table[row] == queries, axis=1)
   return jnp.where(hit, row, missing).astype(jnp.int32)

@@ -68,6 +68,20 @@ def data_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def per_device(function, mesh):
+  """`function` of batch arrays (leading axis = batch) run on each device's
+  shard of the batch separately (`jax.shard_map` over 'data'), returning
+  arrays sharded the same way.
+
+  For batch functions whose work is global over their batch, like the
+  lattice table of `wsss_jax.crf` (one sort over every image's keys): under
+  plain jit on a sharded batch XLA would gather the whole batch onto every
+  device to sort it; per device each sorts only its own images.
+  """
+  spec = P(DATA_AXIS)
+  return jax.shard_map(function, mesh=mesh, in_specs=spec, out_specs=spec)
+
+
 def check_batch_size(batch_size: int, mesh, field: str) -> None:
   """The global batch must split evenly over devices and processes."""
   n = mesh.devices.size
