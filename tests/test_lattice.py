@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +13,9 @@ from wsss_jax.crf import exact
 from wsss_jax.crf import lattice
 from wsss_jax.host import crf as host_crf
 
+import device_checks  # pylint: disable=g-bad-import-order
 from test_crf import _corrupted_probs, _voc  # pylint: disable=g-bad-import-order
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # One lattice unit along a d = 1 feature: c = f·2/sqrt(3) (`_scale_factors`).
 UNIT_1D = np.sqrt(3.0) / 2.0
 
@@ -361,13 +356,7 @@ def test_the_jax_crf_serves_as_the_host_crf_backend():
 # gradient twice (sharded and not), about 20 s.
 @pytest.mark.slow
 def test_sharded_over_devices_equals_one_device():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.path.dirname(HERE))
-  result = subprocess.run(
-      [sys.executable, os.path.join(HERE, 'four_devices_crf_check.py')],
-      env=env, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report = device_checks.run_check('four_devices_crf_check.py')
   for name, values in report.items():
     assert values['devices'] == 4, (name, values)
     assert values['max_diff'] < 1e-5, (name, values)

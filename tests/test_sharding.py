@@ -1,26 +1,15 @@
 """Data parallelism: one step on 8 devices equals one step on 1 device."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import device_checks  # pylint: disable=g-bad-import-order
 
 
 # Slow: a fresh process with 8 devices compiles four whole training steps
 # (two networks, 1 and 8 devices), about 20 s; the other tests keep it short.
 @pytest.mark.slow
 def test_eight_devices_equal_one_device():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.path.dirname(HERE))
-  result = subprocess.run(
-      [sys.executable, os.path.join(HERE, 'eight_devices_check.py')],
-      env=env, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report = device_checks.run_check('eight_devices_check.py')
   for name, values in report.items():
     assert abs(values['loss_1'] - values['loss_8']) < 1e-5, (name, values)
     assert values['max_param_diff'] < 1e-6, (name, values)
