@@ -135,7 +135,7 @@ def resized(samples, height: int, width: int, labels: int):
 
 @functools.lru_cache(maxsize=None)
 def jax_crf_fn(params: host_crf.CrfParams, capacity: int | None = None):
-  return jax.jit(lambda images, probs: jax_crf.dense_crf_batch(
+  return jax.jit(lambda images, probs: jax_crf.dense_crf(
       images, probs, params, capacity))
 
 

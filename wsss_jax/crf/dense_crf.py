@@ -207,13 +207,3 @@ def dense_crf_and_overflow(image: jax.Array, probs: jax.Array,
                  params.iterations)
   return q.reshape(probs.shape), overflowed
 
-
-def dense_crf_batch(images: jax.Array, probs: jax.Array,
-                    params: CrfParams = CrfParams(),
-                    capacity: int | Sequence[int] | None = None
-                    ) -> jax.Array:
-  """`dense_crf` over a batch: (B, H, W, 3), (B, H, W, L) -> (B, H, W, L)."""
-  if images.ndim != 4:
-    raise ValueError(f'dense_crf_batch: images must be (B, H, W, 3), got '
-                     f'{images.shape}.')
-  return dense_crf(images, probs, params, capacity)

@@ -183,7 +183,7 @@ def _find(table: jax.Array, queries: jax.Array, missing: int) -> jax.Array:
 
   # A loop, not unrolled: XLA would fuse the unrolled steps into one
   # expression that recomputes every earlier step twice per step (2^steps).
-  # The bounds start from the queries (full_like), not from constants, so
+  # The bounds start from the queries (zeros_like), not from constants, so
   # that inside `shard_map` they vary over the devices as the loop's do.
   first = jnp.zeros_like(queries[:, 0], jnp.int32)
   low, _ = jax.lax.fori_loop(0, int(np.ceil(np.log2(size + 1))), halve,
@@ -220,9 +220,9 @@ def _encode(columns: jax.Array, low: jax.Array, radix: jax.Array,
 
   Each word is a mixed-radix number of its group's columns (offset by
   `low`, digit k in base `radix[k]`, the group's first column the most
-  significant): one-to-one on keys within the ranges
-  when each group's radix product is below 2^32 (`_fits`).  Keys outside the
-  ranges (a neighbour beyond the data) are flagged, not encoded.
+  significant): one-to-one on keys within the ranges when each group's
+  radix product is below 2^32 (`_fits`).  Keys outside the ranges (a
+  neighbour beyond the data) are flagged, not encoded.
   """
   offset = columns - low
   valid = jnp.all((offset >= 0) & (offset < radix), axis=-1)
@@ -240,6 +240,7 @@ def _encode(columns: jax.Array, low: jax.Array, radix: jax.Array,
 
 
 def _fits(radix: jax.Array, groups) -> jax.Array:
+  """Whether every group's radix product leaves its words one-to-one."""
   radix = radix.astype(jnp.float32)
   return functools.reduce(jnp.logical_and, [
       jnp.prod(radix[np.asarray(group)]) <= _PACKED_LIMIT for group in groups])
@@ -274,7 +275,7 @@ def _vertex_keys(features: jax.Array) -> tuple[_Keys, jax.Array]:
 
 def _sort(keys: _Keys, groups):
   """Sorted words, the permutation, each sorted entry's global vertex rank
-  and the per-image (first rank, vertex count)."""
+  and the vertex count per image."""
   words, _ = _encode(keys.columns, keys.low, keys.radix, groups)
   order = jnp.arange(words.shape[0], dtype=jnp.int32)
   *sorted_words, permutation = jax.lax.sort(
@@ -286,9 +287,9 @@ def _sort(keys: _Keys, groups):
   rank = jnp.cumsum(changed.astype(jnp.int32)) - 1
   # The image is the leading column, so image b's entries are the sorted
   # positions [b·per_image, (b + 1)·per_image).
-  first = rank[::keys.per_image]
-  count = rank[keys.per_image - 1::keys.per_image] - first + 1
-  return sorted_words, permutation, rank, first, count
+  count = (rank[keys.per_image - 1::keys.per_image]
+           - rank[::keys.per_image] + 1)
+  return sorted_words, permutation, rank, count
 
 
 def _packed_or_not(keys: _Keys, function):
@@ -333,7 +334,7 @@ def _hash_table(keys: _Keys, capacity: int, groups):
   """(table row of every key, (d + 1, 2, K) blur neighbours, vertex count
   per image): the batch's vertices in rows [0, K), K the capacity, sorted
   by image and key; row K is the zero row."""
-  sorted_words, permutation, rank, _, count = _sort(keys, groups)
+  sorted_words, permutation, rank, count = _sort(keys, groups)
   slot = jnp.where(rank < capacity, rank, capacity)
   vertex = jnp.zeros_like(slot).at[permutation].set(slot,
                                                     unique_indices=True)
