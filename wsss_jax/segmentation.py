@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -169,6 +169,28 @@ def cross_entropy_on(label_key: str) -> step_lib.LossFn:
   return loss_fn
 
 
+def training_batches(rt: Runtime,
+                     label_folders: Mapping[str, str] | None = None
+                     ) -> Iterator[dict[str, Any]]:
+  """The training stages' batches (`config.input`, `config.seed`): the
+  training split with `label_folders` ({batch key: PNG folder}) joined on,
+  augmented, cropped and batched; an endless host iterator (checkpointable
+  by the training loop)."""
+  config = rt.config
+  label_folders = dict(label_folders or {})
+  index = rt.dataset.index(rt.train_split)
+  source = pipeline.cached(
+      pipeline.with_label_folders(rt.dataset.source(rt.train_split),
+                                  label_folders, index.image_ids),
+      config.input.get('cache_mb', 0))
+  transform = pipeline.TrainTransform.from_config(
+      config.input, num_foreground=rt.num_classes - 1,
+      image_pad_value=rt.pad_color, label_keys=tuple(label_folders))
+  return iter(pipeline.train_loader(source, transform,
+                                    config.input.batch_size, config.seed,
+                                    config.input.worker_count))
+
+
 def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
                     label_folders: Mapping[str, str] | None = None,
                     model=None, name: str = 'train',
@@ -198,14 +220,6 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
   config = rt.config
   label_folders = dict(label_folders or {})
   model = model or build_segmenter(rt)
-  index = rt.dataset.index(rt.train_split)
-  source = pipeline.cached(
-      pipeline.with_label_folders(rt.dataset.source(rt.train_split),
-                                  label_folders, index.image_ids),
-      config.input.get('cache_mb', 0))
-  transform = pipeline.TrainTransform.from_config(
-      config.input, num_foreground=rt.num_classes - 1,
-      image_pad_value=rt.pad_color, label_keys=tuple(label_folders))
   batch_size = config.input.batch_size
   mesh_lib.check_batch_size(batch_size, rt.mesh, 'input.batch_size')
   num_steps = int(num_steps or config.train.num_steps)
@@ -241,9 +255,7 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       abstract_state=lambda: state_lib.abstract_train_state(
           model, make_tx, rng, image_shape, rt.mesh,
           ema_decay=config.train.ema_decay),
-      make_data_iter=lambda: iter(pipeline.train_loader(
-          source, transform, batch_size, config.seed,
-          config.input.worker_count)),
+      make_data_iter=lambda: training_batches(rt, label_folders),
       train_step=step_lib.make_train_step(model, loss_fn, rt.normalization,
                                           rt.mesh, rt.compute_dtype),
       mesh=rt.mesh, num_steps=num_steps, log_every=config.train.log_every,

@@ -93,8 +93,11 @@ def first_non_finite(metrics: list[tuple[int, dict[str, Any]]]
 
 
 def format_scalars(scalars: dict[str, float]) -> str:
-  """'ce=0.41 loss=0.5 lr=0.001' (sorted, 4 significant digits)."""
-  return ' '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items()))
+  """'ce=0.41 loss=0.5 lr=0.001' (sorted, 4 significant digits).  Names
+  with a '/' (grouped details, e.g. per-class counts) are left to the
+  history and TensorBoard."""
+  return ' '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items())
+                  if '/' not in k)
 
 
 def describe(step: int, scalars: dict[str, float]) -> str:

@@ -1,0 +1,1 @@
+"""RRM (Zhang et al., AAAI 2020): one-step WSSS from image labels."""
