@@ -155,11 +155,12 @@ def _batch(valid=True, image_labels=((1, 0), (0, 1))):
           schema.MASK: jnp.asarray(rng.integers(0, 3, (2, 32, 32)))}
 
 
-@pytest.mark.parametrize('case,backend', [
-    ('normal', 'jax'), ('no_class', 'pydensecrf'),
-    ('all_padding', 'pydensecrf')])
-def test_rrm_loss_is_finite_with_finite_gradients(case, backend):
-  config = _tiny_config()
+@pytest.mark.parametrize('case,backend,rule', [
+    ('normal', 'jax', 'paper'), ('no_class', 'pydensecrf', 'paper'),
+    ('all_padding', 'pydensecrf', 'official'),
+    ('normal', 'pydensecrf', 'official')])
+def test_rrm_loss_is_finite_with_finite_gradients(case, backend, rule):
+  config = _tiny_config(reliable_label_rule=rule)
   model, variables = _net(config)
   batch = _batch(valid=case != 'all_padding',
                  image_labels=((0, 0), (0, 0)) if case == 'no_class'
@@ -231,3 +232,41 @@ def test_options_reject_bad_values():
   with pytest.raises(ValueError, match='rrm.energy_scale'):
     objective.RRMOptions.from_config(config.rrm)
   assert defaults.crf_config(**rrm_config.TEST_CRF).bilateral_sxy == 83.0
+
+
+def test_official_rule_by_hand():
+  p_fg = jnp.asarray([[[[0.0], [0.05], [0.6], [0.9], [0.95]]]])
+  q_low = jnp.asarray([[[[.9, .1], [.7, .3], [.2, .8], [.1, .9],
+                         [.05, .95]]]])
+  q_high = jnp.asarray([[[[.95, .05], [.5, .5], [.1, .9], [.3, .7],
+                          [.85, .15]]]])
+  valid = jnp.ones((1, 1, 5), bool)
+  kwargs = dict(bg_exponent=32.0, ratio=0.4, fg_floor=0.1, bg_threshold=0.8,
+                confidence=0.8)
+  # CAM-sure: pixel 0 (background score 1 > 0.8) and pixel 4 (the top
+  # foreground candidate of .6, .9, .95: index int(0.6 * 3) = 1 holds .9).
+  # The CRF label: the low CRF says 0 0 1 1 1, its background made 255, the
+  # high CRF's background (pixels 0, 1 (a tie) and 4) put back: 0 0 1 1 0.
+  np.testing.assert_array_equal(
+      labels.official_crf_label(q_low, q_high)[0, 0], [0, 0, 1, 1, 0])
+  # Pixel 4 keeps the CRF's 0 although the CAM said 1: no agreement check.
+  got = labels.official_reliable_labels(p_fg, q_low, q_high, valid, **kwargs)
+  np.testing.assert_array_equal(got[0, 0], [0, IGNORE, IGNORE, IGNORE, 0])
+  # A class the low CRF never shows has no sure pixel.
+  flat = jnp.asarray([[[[.9, .1]] * 5]])
+  got = labels.official_reliable_labels(p_fg, flat, q_high, valid, **kwargs)
+  np.testing.assert_array_equal(got[0, 0], [0, IGNORE, IGNORE, IGNORE,
+                                            IGNORE])
+  # Low CRF confidence unlabels a sure pixel.
+  unsure = q_high.at[0, 0, 0].set(jnp.asarray([.6, .4]))
+  got = labels.official_reliable_labels(p_fg, q_low.at[0, 0, 0].set(
+      jnp.asarray([.7, .3])), unsure, valid, **kwargs)
+  assert int(got[0, 0, 0]) == IGNORE
+
+
+def test_official_code_preset_sets_every_switch():
+  config = rrm_config.get_config('official_code')
+  assert config.rrm.reliable_label_rule == 'official'
+  assert config.rrm.energy_kernel == 'lattice_scaled'
+  assert config.rrm.energy_backward == 'rloss_custom'
+  assert rrm_config.get_config('ce_only,tiny,official_code').rrm.energy_weight == 0

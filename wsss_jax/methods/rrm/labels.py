@@ -122,3 +122,58 @@ def label_statistics(labels: jax.Array, truth: jax.Array, valid: jax.Array,
   return {'valid': jnp.sum(valid).astype(jnp.float32),
           'labelled': count(labelled), 'judged': count(judged),
           'correct': count(judged & (labels == truth))}
+
+
+def official_crf_label(q_low: jax.Array, q_high: jax.Array) -> jax.Array:
+  """The official code's CRF label from its two CRFs (docs/rrm.md,
+  "Defaults and switches"): argmax of the low-exponent CRF with its
+  background made 255, then background wherever the high-exponent CRF's
+  argmax is background.  q_low, q_high (B, H, W, C) marginals; (B, H, W)."""
+  low = jnp.argmax(q_low, axis=-1).astype(jnp.int32)
+  label = jnp.where(low == 0, IGNORE, low)
+  return jnp.where(jnp.argmax(q_high, axis=-1) == 0, 0, label)
+
+
+def official_reliable_labels(p_fg: jax.Array, q_low: jax.Array,
+                             q_high: jax.Array, valid: jax.Array, *,
+                             bg_exponent: float, ratio: float,
+                             fg_floor: float, bg_threshold: float,
+                             confidence: float) -> jax.Array:
+  """The official code's reliable labels (`reliable_label_rule='official'`;
+  the paper's rule is Eqs. 6–7 above).
+
+  * CAM-sure pixels: with P = [(1 − max P_fg)^`bg_exponent`, P_fg] (32 in
+    the code) and its argmax, a foreground class keeps the top `ratio` of its
+    candidates with P_fg > `fg_floor` (`top_ratio_labels`), background the
+    pixels whose background score exceeds `bg_threshold` (0.8); only the
+    classes the low-exponent CRF's argmax shows somewhere in the image count.
+  * The label is the CRF's (`official_crf_label`), not the CAM's: the code
+    never checks that the two agree.
+  * Unlabelled (255) unless CAM-sure, valid and CRF-confident: the larger of
+    the high-exponent CRF's background marginal and the low-exponent CRF's
+    foreground marginals reaches `confidence` (0.8).
+
+  Args:
+    p_fg: (B, H, W, K) P_fg (Eq. 3), absent classes 0.
+    q_low, q_high: (B, H, W, K + 1) marginals of the CRFs over [P_bg, P_fg]
+      with the low (4) and high (32) background exponents.
+    valid: (B, H, W) bool.
+  Returns:
+    (B, H, W) int32.
+  """
+  classes = q_low.shape[-1]
+  bg = cam_lib.power_background(p_fg, bg_exponent)
+  probs = jnp.concatenate([bg[..., None], p_fg], axis=-1)
+  top = top_ratio_labels(probs, valid, ratio, fg_floor)
+  cam_label = jnp.argmax(probs, axis=-1)
+  low = jnp.argmax(q_low, axis=-1)
+  shown = jnp.any((low[..., None] == jnp.arange(classes)) & valid[..., None],
+                  axis=(1, 2))                                     # (B, C)
+  shown_here = jnp.take_along_axis(
+      shown[:, None, None, :], cam_label[..., None], axis=-1)[..., 0]
+  sure_fg = (top != IGNORE) & (top > 0)
+  sure_bg = (cam_label == 0) & (bg > bg_threshold) & valid
+  sure = (sure_fg | sure_bg) & shown_here
+  trust = jnp.maximum(q_high[..., 0], jnp.max(q_low[..., 1:], axis=-1))
+  keep = sure & valid & (trust >= confidence)
+  return jnp.where(keep, official_crf_label(q_low, q_high), IGNORE)

@@ -21,9 +21,11 @@ from wsss_jax.host.crf import CrfParams
 from wsss_jax.methods.rrm import energy as energy_lib
 from wsss_jax.methods.rrm import labels as labels_lib
 from wsss_jax.ops.resize import resize_bilinear
+from wsss_jax.pseudo import cam as cam_lib
 from wsss_jax.training.step import LossContext
 
 LABEL_SOURCES = ('rrm', 'cam')   # I_final (Eq. 7) or I_cam alone (Table 2)
+LABEL_RULES = ('paper', 'official')
 IGNORE = schema.IGNORE_LABEL
 
 
@@ -36,6 +38,10 @@ class RRMOptions:
   reliable_ratio: float            # Eq. (6) share per class
   fg_floor: float                  # Eq. (6) foreground candidate floor
   label_source: str                # LABEL_SOURCES
+  reliable_label_rule: str         # LABEL_RULES
+  official_bg_exponent: float      # 'official': the second exponent (32)
+  official_bg_threshold: float     # 'official': sure background score
+  official_confidence: float       # 'official': CRF confidence
   label_crf: CrfParams             # Eq. (5)
   energy_weight: float             # λ (0: CE only, Table 2 "+ CE")
   energy_sigma_xy: float           # at full resolution
@@ -58,6 +64,14 @@ class RRMOptions:
         fg_floor=check('rrm.fg_floor', cfg.fg_floor, 0.0, 1.0),
         label_source=choice('rrm.label_source', cfg.label_source,
                             LABEL_SOURCES),
+        reliable_label_rule=choice('rrm.reliable_label_rule',
+                                   cfg.reliable_label_rule, LABEL_RULES),
+        official_bg_exponent=check('rrm.official_bg_exponent',
+                                   cfg.official_bg_exponent, 0.0),
+        official_bg_threshold=check('rrm.official_bg_threshold',
+                                    cfg.official_bg_threshold, 0.0, 1.0),
+        official_confidence=check('rrm.official_confidence',
+                                  cfg.official_confidence, 0.0, 1.0),
         label_crf=CrfParams.from_config(cfg.label_crf),
         energy_weight=check('rrm.energy_weight', cfg.energy_weight, 0.0),
         energy_sigma_xy=check('rrm.energy_sigma_xy', cfg.energy_sigma_xy,
@@ -119,7 +133,8 @@ def online_labels(outputs: dict, batch: dict, options: RRMOptions,
   crop's resolution, without gradient.
 
   Returns {'probs' (B, H, W, C), 'i_cam', 'i_crf', 'labels' (B, H, W) int32,
-  'crf_overflow' ()}; 'labels' is I_final, or I_cam with
+  'crf_overflow' ()}; 'labels' is I_final (by `reliable_label_rule`: the
+  paper's Eqs. 6–7, or the official code's two-CRF rule), or I_cam with
   `label_source='cam'` (then no CRF runs).
   """
   images = batch[schema.IMAGE]
@@ -136,12 +151,27 @@ def online_labels(outputs: dict, batch: dict, options: RRMOptions,
   if options.label_source == 'cam':
     out.update(i_crf=i_cam, labels=jnp.where(valid, i_cam, IGNORE))
     return out
-  q, overflowed = traced.traced_dense_crf(images, probs, options.label_crf,
+  crf = lambda p: traced.traced_dense_crf(images, p, options.label_crf,
                                           crf_backend, crf_capacity,
                                           crf_workers)
-  i_crf = jnp.argmax(q, axis=-1).astype(jnp.int32)
-  out.update(i_crf=i_crf, crf_overflow=overflowed,
-             labels=labels_lib.reliable_labels(i_cam, i_crf, valid))
+  q, overflowed = crf(probs)
+  if options.reliable_label_rule == 'paper':
+    i_crf = jnp.argmax(q, axis=-1).astype(jnp.int32)
+    out.update(i_crf=i_crf, crf_overflow=overflowed,
+               labels=labels_lib.reliable_labels(i_cam, i_crf, valid))
+    return out
+  # The official rule: a second CRF with the high background exponent.
+  p_fg = probs[..., 1:]
+  q_high, high_overflowed = crf(jnp.concatenate([cam_lib.power_background(
+      p_fg, options.official_bg_exponent)[..., None], p_fg], axis=-1))
+  out.update(
+      i_crf=labels_lib.official_crf_label(q, q_high),
+      crf_overflow=overflowed | high_overflowed,
+      labels=labels_lib.official_reliable_labels(
+          p_fg, q, q_high, valid, bg_exponent=options.official_bg_exponent,
+          ratio=options.reliable_ratio, fg_floor=options.fg_floor,
+          bg_threshold=options.official_bg_threshold,
+          confidence=options.official_confidence))
   return out
 
 
