@@ -1,0 +1,183 @@
+"""RRM Tables 1 and 2 on the embedded benchmark, over seeds.
+
+  python experiments/rrm_tables.py [--seeds=0,1,2] [--tables=2,1]
+      [--ratios=0.1,0.2,0.3,0.4,0.6,0.8,1.0] [--override=field=value ...]
+
+Table 2: {CAM labels, RRM labels} x {CE, CE + energy}
+(`configs/rrm.py:cam_ce_only`, `:cam_labels`, `:ce_only`, the default).
+Table 1: the reliable-region ratio of Eq. (6) swept with the joint loss
+(`rrm.reliable_ratio`).  Every run of a seed starts from the same
+classification stage (computed once per seed, copied into the other runs'
+workdirs).  Writes experiments/out/rrm/tables.{md,json} with the per-seed
+val mIoU, mean ± s.d., and the paper's three claims checked seed by seed:
+RRM labels > CAM labels, joint loss > CE only, a middle ratio (0.3, 0.4)
+above both ends (0.1, 1.0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+from typing import Any, Sequence
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from wsss_jax import run  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
+_TABLES = flags.DEFINE_list('tables', ['2', '1'], 'Which tables to run.')
+_RATIOS = flags.DEFINE_list('ratios', ['0.1', '0.2', '0.3', '0.4', '0.6',
+                                       '0.8', '1.0'], 'Table 1 ratios.')
+_OVERRIDES = flags.DEFINE_multi_string(
+    'override', [], 'field=value config overrides applied to every run.')
+_OUT = flags.DEFINE_string('out', 'experiments/out', 'Output root.')
+
+SHARED_STAGES = ('classify',)
+# Paper values (VOC val mIoU, %): Table 2 and Table 1.
+TABLE2 = (('CAM + CE', 'cam_ce_only', 46.1), ('CAM + joint', 'cam_labels', 55.7),
+          ('RRM + CE', 'ce_only', 48.5), ('RRM + joint', 'rrm', 62.6))
+TABLE1 = {0.1: 42.8, 0.2: 62.3, 0.3: 62.6, 0.4: 62.6, 0.6: 60.9, 0.8: 59.4,
+          1.0: 58.2}
+DEFAULT_RATIO = 0.4   # configs/rrm.py: the 'rrm' row of Table 2 is this one
+
+
+def _row_key(variant: str, ratio: float | None) -> str:
+  return variant if ratio is None else f'ratio={ratio:g}'
+
+
+def run_rows(seeds: Sequence[int], rows: Sequence[tuple[str, float | None]],
+             overrides: Sequence[str], root: str) -> list[dict[str, Any]]:
+  """Runs every (variant, ratio) row for every seed; returns result rows."""
+  run.configure_logging()
+  out = []
+  for seed in seeds:
+    donor = None
+    for variant, ratio in rows:
+      extra = [] if ratio is None else [f'rrm.reliable_ratio={ratio}']
+      config = sweep.sweep_config('configs/rrm.py', variant, seed,
+                                  list(overrides) + extra)
+      workdir = os.path.join(root, f'{_row_key(variant, ratio)}-seed{seed}')
+      if donor is not None:
+        for stage in SHARED_STAGES:
+          source, target = (os.path.join(donor, stage),
+                            os.path.join(workdir, stage))
+          if os.path.isdir(source) and not os.path.exists(target):
+            shutil.copytree(source, target)
+      results = run.train_and_evaluate(config, workdir)
+      donor = donor or workdir
+      labels = results['rrm'].get('reliable_labels', {})
+      out.append({'row': _row_key(variant, ratio), 'seed': int(seed),
+                  'val_miou': results['val']['miou'],
+                  'val_miou_without_crf': results['rrm'].get(
+                      'val_miou_without_crf'),
+                  'cam_miou': results['rrm'].get('cam_miou'),
+                  'labelled_pct': labels.get('labelled_pct'),
+                  'precision': labels.get('precision'),
+                  'wall_s': results['wall_s']})
+      print(json.dumps(out[-1]), flush=True)
+  return out
+
+
+def _values(rows, key):
+  if key == _row_key('rrm', DEFAULT_RATIO) and not any(
+      r['row'] == key for r in rows):
+    key = 'rrm'                        # Table 2's default run
+  return {r['seed']: r['val_miou'] for r in rows if r['row'] == key}
+
+
+def _cell(values: dict[int, float]) -> str:
+  if not values:
+    return '–'
+  mean = statistics.mean(values.values())
+  spread = (f' ± {statistics.stdev(values.values()):.1f}'
+            if len(values) > 1 else '')
+  return f'{mean:.1f}{spread}'
+
+
+def claim(rows, better: Sequence[str], worse: Sequence[str]) -> dict:
+  """Whether every `better` row beats every `worse` row, seed by seed."""
+  seeds = sorted({r['seed'] for r in rows})
+  per_seed = {}
+  for seed in seeds:
+    best_of_worse = [v for k in worse for s, v in _values(rows, k).items()
+                     if s == seed]
+    worst_of_better = [v for k in better for s, v in _values(rows, k).items()
+                       if s == seed]
+    if best_of_worse and worst_of_better:
+      per_seed[seed] = min(worst_of_better) > max(best_of_worse)
+  return {'holds_in': sum(per_seed.values()), 'seeds': len(per_seed),
+          'per_seed': per_seed}
+
+
+def tables(rows: Sequence[dict[str, Any]], ratios: Sequence[float]
+           ) -> tuple[str, dict[str, dict]]:
+  """The markdown tables and the claims checked."""
+  seeds = sorted({r['seed'] for r in rows})
+  head = ('| row | paper (VOC val) | ' + ' | '.join(f'seed {s}' for s in seeds)
+          + ' | mean ± s.d. |')
+  rule = '| --- | --- | ' + ' | '.join('---' for _ in seeds) + ' | --- |'
+
+  def line(name, key, paper):
+    values = _values(rows, key)
+    return (f'| {name} | {paper} | ' + ' | '.join(
+        f'{values[s]:.1f}' if s in values else '–' for s in seeds)
+            + f' | {_cell(values)} |')
+  lines = ['**Table 2** (pseudo-masks × loss)', '', head, rule]
+  lines += [line(name, key, paper) for name, key, paper in TABLE2
+            if _values(rows, key)]
+  ratio_rows = [(f'ratio {r:g}', _row_key('rrm', r), TABLE1.get(r, '–'))
+                for r in ratios if _values(rows, _row_key('rrm', r))]
+  if ratio_rows:
+    lines += ['', '**Table 1** (reliable-region ratio, joint loss)', '', head,
+              rule] + [line(*row) for row in ratio_rows]
+  checks = {}
+  if _values(rows, 'rrm') and _values(rows, 'cam_labels'):
+    checks['RRM labels > CAM labels (joint)'] = claim(rows, ['rrm'],
+                                                      ['cam_labels'])
+  if _values(rows, 'ce_only') and _values(rows, 'cam_ce_only'):
+    checks['RRM labels > CAM labels (CE)'] = claim(rows, ['ce_only'],
+                                                   ['cam_ce_only'])
+  if _values(rows, 'rrm') and _values(rows, 'ce_only'):
+    checks['joint > CE only (RRM labels)'] = claim(rows, ['rrm'], ['ce_only'])
+  middle = [_row_key('rrm', r) for r in (0.3, 0.4) if r in ratios]
+  ends = [_row_key('rrm', r) for r in (0.1, 1.0) if r in ratios]
+  if middle and ends and all(_values(rows, k) for k in middle + ends):
+    checks['middle ratio (0.3, 0.4) > both ends (0.1, 1.0)'] = claim(
+        rows, middle, ends)
+  if checks:
+    lines += ['', 'Claims, seed by seed:', '']
+    for name, result in checks.items():
+      verdict = ('holds' if result['holds_in'] == result['seeds']
+                 else 'DOES NOT HOLD' if result['holds_in'] == 0
+                 else 'mixed')
+      lines.append(f"- {name}: {verdict} ({result['holds_in']} of "
+                   f"{result['seeds']} seeds)")
+  return '\n'.join(lines), checks
+
+
+def main(argv):
+  del argv
+  root = os.path.join(_OUT.value, 'rrm')
+  ratios = [float(r) for r in _RATIOS.value]
+  rows_to_run: list[tuple[str, float | None]] = []
+  if '2' in _TABLES.value:
+    rows_to_run += [(variant, None) for _, variant, _ in TABLE2]
+  if '1' in _TABLES.value:
+    rows_to_run += [('rrm', r) for r in ratios
+                    if not (r == DEFAULT_RATIO and '2' in _TABLES.value)]
+  rows = run_rows([int(s) for s in _SEEDS.value], rows_to_run,
+                  _OVERRIDES.value, root)
+  table, checks = tables(rows, ratios)
+  print(table)
+  sweep.write_outputs(root, 'tables', table,
+                      {'rows': rows, 'checks': checks,
+                       'overrides': _OVERRIDES.value})
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,37 @@
+"""experiments/rrm_tables.py: the tables and the claims, from given rows."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import rrm_tables  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _rows(values):
+  return [{'row': row, 'seed': seed, 'val_miou': value}
+          for (row, seed), value in values.items()]
+
+
+def test_tables_and_claims_seed_by_seed():
+  rows = _rows({('cam_ce_only', 0): 20.0, ('cam_labels', 0): 22.0,
+                ('ce_only', 0): 21.0, ('rrm', 0): 25.0,
+                ('cam_ce_only', 1): 20.0, ('cam_labels', 1): 26.0,
+                ('ce_only', 1): 23.0, ('rrm', 1): 24.0,
+                ('ratio=0.1', 0): 10.0, ('ratio=1', 0): 24.0,
+                ('ratio=0.1', 1): 11.0, ('ratio=1', 1): 25.0})
+  table, checks = rrm_tables.tables(rows, [0.1, 0.4, 1.0])
+  assert '| RRM + joint | 62.6 | 25.0 | 24.0 | 24.5 ± 0.7 |' in table
+  assert '| CAM + CE | 46.1 | 20.0 | 20.0 | 20.0 ± 0.0 |' in table
+  # Ratio 0.4 is the default run of Table 2.
+  assert '| ratio 0.4 | 62.6 | 25.0 | 24.0 | 24.5 ± 0.7 |' in table
+  assert checks['RRM labels > CAM labels (joint)']['per_seed'] == {
+      0: True, 1: False}
+  assert checks['RRM labels > CAM labels (CE)']['holds_in'] == 2
+  assert checks['joint > CE only (RRM labels)']['holds_in'] == 2
+  middle = checks['middle ratio (0.3, 0.4) > both ends (0.1, 1.0)']
+  assert middle['per_seed'] == {0: True, 1: False}
+  assert '- RRM labels > CAM labels (joint): mixed (1 of 2 seeds)' in table
+  assert '- joint > CE only (RRM labels): holds (2 of 2 seeds)' in table
