@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
 from typing import Any, Sequence
@@ -63,11 +62,7 @@ def run_rows(seeds: Sequence[int], rows: Sequence[tuple[str, float | None]],
                                   list(overrides) + extra)
       workdir = os.path.join(root, f'{_row_key(variant, ratio)}-seed{seed}')
       if donor is not None:
-        for stage in SHARED_STAGES:
-          source, target = (os.path.join(donor, stage),
-                            os.path.join(workdir, stage))
-          if os.path.isdir(source) and not os.path.exists(target):
-            shutil.copytree(source, target)
+        sweep.copy_shared_stages(donor, workdir, SHARED_STAGES)
       results = run.train_and_evaluate(config, workdir)
       donor = donor or workdir
       labels = results['rrm'].get('reliable_labels', {})
@@ -130,8 +125,9 @@ def tables(rows: Sequence[dict[str, Any]], ratios: Sequence[float]
   lines = ['**Table 2** (pseudo-masks × loss)', '', head, rule]
   lines += [line(name, key, paper) for name, key, paper in TABLE2
             if _values(rows, key)]
+  swept = any(r['row'].startswith('ratio=') for r in rows)
   ratio_rows = [(f'ratio {r:g}', _row_key('rrm', r), TABLE1.get(r, '–'))
-                for r in ratios if _values(rows, _row_key('rrm', r))]
+                for r in ratios if swept and _values(rows, _row_key('rrm', r))]
   if ratio_rows:
     lines += ['', '**Table 1** (reliable-region ratio, joint loss)', '', head,
               rule] + [line(*row) for row in ratio_rows]

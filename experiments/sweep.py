@@ -67,6 +67,17 @@ def _forget_config(stage_dir: str) -> None:
     os.remove(started)
 
 
+def copy_shared_stages(donor: str, workdir: str,
+                       stages: Sequence[str]) -> None:
+  """Copies the finished `stages` of the `donor` workdir into `workdir`
+  (where missing), trusted as complete whatever config the donor ran."""
+  for stage in stages:
+    source, target = os.path.join(donor, stage), os.path.join(workdir, stage)
+    if os.path.isdir(source) and not os.path.exists(target):
+      shutil.copytree(source, target)
+      _forget_config(target)
+
+
 def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
               overrides: Sequence[str], root: str,
               shared_stages: Sequence[str] = ()
@@ -79,12 +90,7 @@ def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
       config = sweep_config(config_file, variant, seed, overrides)
       workdir = os.path.join(root, f'{variant}-seed{seed}')
       if donor is not None:
-        for stage in shared_stages:
-          source, target = (os.path.join(donor, stage),
-                            os.path.join(workdir, stage))
-          if os.path.isdir(source) and not os.path.exists(target):
-            shutil.copytree(source, target)
-            _forget_config(target)
+        copy_shared_stages(donor, workdir, shared_stages)
       results = run.train_and_evaluate(config, workdir)
       donor = donor or workdir
       yield variant, int(seed), results

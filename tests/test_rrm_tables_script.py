@@ -35,3 +35,10 @@ def test_tables_and_claims_seed_by_seed():
   assert middle['per_seed'] == {0: True, 1: False}
   assert '- RRM labels > CAM labels (joint): mixed (1 of 2 seeds)' in table
   assert '- joint > CE only (RRM labels): holds (2 of 2 seeds)' in table
+
+
+def test_table2_alone_has_no_ratio_table():
+  rows = _rows({('rrm', 0): 25.0, ('ce_only', 0): 21.0})
+  table, checks = rrm_tables.tables(rows, [0.1, 0.4, 1.0])
+  assert 'Table 1' not in table
+  assert set(checks) == {'joint > CE only (RRM labels)'}
