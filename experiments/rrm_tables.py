@@ -28,14 +28,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 from wsss_jax import run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
-_TABLES = flags.DEFINE_list('tables', ['2', '1'], 'Which tables to run.')
-_RATIOS = flags.DEFINE_list('ratios', ['0.1', '0.2', '0.3', '0.4', '0.6',
-                                       '0.8', '1.0'], 'Table 1 ratios.')
-_OVERRIDES = flags.DEFINE_multi_string(
-    'override', [], 'field=value config overrides applied to every run.')
-_OUT = flags.DEFINE_string('out', 'experiments/out', 'Output root.')
 
+
+def _define_flags() -> None:
+  """Defined only when run as a script, so that tests can import the table
+  functions next to other experiment scripts' flags."""
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
+  flags.DEFINE_list('tables', ['2', '1'], 'Which tables to run.')
+  flags.DEFINE_list('ratios', ['0.1', '0.2', '0.3', '0.4', '0.6', '0.8',
+                               '1.0'], 'Table 1 ratios.')
+  flags.DEFINE_multi_string(
+      'override', [], 'field=value config overrides applied to every run.')
+  flags.DEFINE_string('out', 'experiments/out', 'Output root.')
+
+
+FLAGS = flags.FLAGS
 SHARED_STAGES = ('classify',)
 # Paper values (VOC val mIoU, %): Table 2 and Table 1.
 TABLE2 = (('CAM + CE', 'cam_ce_only', 46.1), ('CAM + joint', 'cam_labels', 55.7),
@@ -158,22 +165,23 @@ def tables(rows: Sequence[dict[str, Any]], ratios: Sequence[float]
 
 def main(argv):
   del argv
-  root = os.path.join(_OUT.value, 'rrm')
-  ratios = [float(r) for r in _RATIOS.value]
+  root = os.path.join(FLAGS.out, 'rrm')
+  ratios = [float(r) for r in FLAGS.ratios]
   rows_to_run: list[tuple[str, float | None]] = []
-  if '2' in _TABLES.value:
+  if '2' in FLAGS.tables:
     rows_to_run += [(variant, None) for _, variant, _ in TABLE2]
-  if '1' in _TABLES.value:
+  if '1' in FLAGS.tables:
     rows_to_run += [('rrm', r) for r in ratios
-                    if not (r == DEFAULT_RATIO and '2' in _TABLES.value)]
-  rows = run_rows([int(s) for s in _SEEDS.value], rows_to_run,
-                  _OVERRIDES.value, root)
+                    if not (r == DEFAULT_RATIO and '2' in FLAGS.tables)]
+  rows = run_rows([int(s) for s in FLAGS.seeds], rows_to_run,
+                  FLAGS.override, root)
   table, checks = tables(rows, ratios)
   print(table)
   sweep.write_outputs(root, 'tables', table,
                       {'rows': rows, 'checks': checks,
-                       'overrides': _OVERRIDES.value})
+                       'overrides': FLAGS.override})
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
