@@ -29,6 +29,7 @@ import numpy as np
 from wsss_jax import common_stages as cs
 from wsss_jax import segmentation
 from wsss_jax.crf import dense_crf as jax_crf
+from wsss_jax.crf import lattice
 from wsss_jax.crf.backend import JaxCrfBackend
 from wsss_jax.atomic import json_safe
 from wsss_jax.data import schema
@@ -60,10 +61,9 @@ def crf_capacity(rt: Runtime, params: CrfParams) -> tuple[int, ...] | None:
   batches = segmentation.training_batches(rt)
   counts = None
   for _ in range(_CAPACITY_BATCHES):
-    images = np.asarray(next(batches)[schema.IMAGE])
-    found = jax_crf.lattice_capacity(jax.numpy.asarray(images), params)
+    found = jax_crf.lattice_capacity(
+        jnp.asarray(next(batches)[schema.IMAGE]), params)
     counts = found if counts is None else tuple(map(max, counts, found))
-  from wsss_jax.crf import lattice  # pylint: disable=g-import-not-at-top
   return tuple(lattice.capacity_for(int(c * _CAPACITY_MARGIN))
                for c in counts)
 
