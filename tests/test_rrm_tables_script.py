@@ -42,3 +42,17 @@ def test_table2_alone_has_no_ratio_table():
   table, checks = rrm_tables.tables(rows, [0.1, 0.4, 1.0])
   assert 'Table 1' not in table
   assert set(checks) == {'joint > CE only (RRM labels)'}
+
+
+def test_table5_compares_two_steps_with_their_one_step_network():
+  rows = _rows({('two_step', 0): 30.0, ('two_step', 1): 23.0})
+  rows[0].update(one_step_val_miou=25.0, label_miou=40.0)
+  rows[1].update(one_step_val_miou=24.0)
+  table, checks = rrm_tables.tables(rows, [0.4])
+  assert '**Table 5** (one step against two steps)' in table
+  assert '| one-step | 62.6 | 25.0 | 24.0 | 24.5 ± 0.7 |' in table
+  assert '| two-step | 66.3 | 30.0 | 23.0 | 26.5 ± 4.9 |' in table
+  assert "| the second step's labels (train mIoU) | – | 40.0 | – | 40.0 |" in (
+      table)
+  assert checks['two-step > one-step']['per_seed'] == {0: True, 1: False}
+  assert '- two-step > one-step: mixed (1 of 2 seeds)' in table

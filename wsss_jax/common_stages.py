@@ -8,6 +8,7 @@ A method's pipeline is a list of `Stage`s; most of them are one of these:
     train_stage(rt, 'train', loss_fn=...,
                 label_folders={'pseudo': label_path('box_labels')})
     model_label_stage(rt, 'labels', 'classifier', model, make_labels, ...)
+    prediction_label_stage(rt, 'labels', 'train', eval_config)  two-step
     evaluate_stage(rt, 'train')                           final val scores
 
 Stages refer to each other by stage name (a label stage's folder is
@@ -135,6 +136,24 @@ def model_label_stage(
         rt, os.path.join(context.workdir, model_path(model_stage)), model)
     return make_labels(context, stage_dir, variables)
   return Stage(name, run, outputs=outputs, description=description,
+               ignores=LABEL_STAGE_IGNORES)
+
+
+def prediction_label_stage(rt: Runtime, name: str, model_stage: str,
+                           eval_config, *, model=None,
+                           description: str = '') -> Stage:
+  """The predictions of `<model_stage>/model.npz` on the training split as
+  the label folder `<name>/labels` (a two-step method's second-step labels),
+  predicted like an evaluation with `eval_config` and scored against the
+  ground truth.  `eval_config` must come from the config fields the caller
+  owns (a method section), not from `config.eval`, which this stage, like
+  every label stage, ignores."""
+  def run(context, stage_dir):
+    net, variables = segmentation.load_trained(
+        rt, os.path.join(context.workdir, model_path(model_stage)), model)
+    return segmentation.predict_label_folder(
+        rt, os.path.join(stage_dir, LABELS), net, variables, eval_config)
+  return Stage(name, run, outputs=(LABELS,), description=description,
                ignores=LABEL_STAGE_IGNORES)
 
 

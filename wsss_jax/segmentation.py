@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -75,6 +76,35 @@ def label_quality(rt: Runtime, folder: str, max_images: int = 0,
       max_images=max_images, progress=progress)
   quality.pop('confusion', None)
   return quality
+
+
+def predict_label_folder(rt: Runtime, folder: str, model, variables,
+                         eval_config) -> dict[str, Any]:
+  """Writes a trained network's prediction of every training image as
+  `<folder>/<id>.png` (a two-step method's labels), predicted like an
+  evaluation with `eval_config` (a `config.eval`-like section: scales, flip,
+  the CRF on `config.crf.backend`).
+
+  Returns 'generation' (count and time) and 'quality' (the labels scored
+  against the training split's ground truth, as `label_quality`; with the
+  CRF also 'without_crf', its input's argmax).  Not resumable image by
+  image: a rerun predicts every image again (one evaluation pass).
+  """
+  start = time.monotonic()
+  scores = {}
+  if mesh_lib.is_primary():
+    evaluator = inference.Evaluator(
+        model, rt.dataset, rt.train_split, eval_config, rt.normalization,
+        rt.mesh, rt.compute_dtype, rt.config.eval.worker_count,
+        crf_backend=rt.config.crf.backend)
+    scores = evaluator(variables, out_dir=folder)
+  mesh_lib.barrier(f'predicted-labels-{folder}')
+  quality = label_quality(rt, folder)
+  if 'without_crf' in scores:
+    quality['without_crf'] = scores['without_crf']
+  return {'generation': {'total': scores.get('num_images'),
+                         'seconds': time.monotonic() - start},
+          'quality': json_safe(quality)}
 
 
 def _partial_ground_truth(example: dict[str, Any],

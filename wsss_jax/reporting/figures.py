@@ -88,8 +88,8 @@ _NOT_LOSS_TERMS = ('step', 'lr', 'grad_norm')
 
 
 def plot_history(history: Mapping[str, Any], title: str, path: str) -> bool:
-  """Small multiples against the step (PNG): the objective, each logged term,
-  the learning rate, and the validation mIoU on a fixed 0-100 axis (so a
+  """Small multiples against the step (PNG): the objective, each logged term
+  (those without a '/' in their name), the learning rate, and the validation mIoU on a fixed 0-100 axis (so a
   1-point change looks like one); False when the history has no training
   rows."""
   train = history.get('train', [])
@@ -99,8 +99,11 @@ def plot_history(history: Mapping[str, Any], title: str, path: str) -> bool:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   steps = [row['step'] for row in train]
+  # Names with a '/' are grouped details (per-class counts), kept for
+  # TensorBoard and results.json as in the log line (training/history.py).
   terms = ['loss'] + sorted(k for k in train[-1]
-                            if k not in _NOT_LOSS_TERMS and k != 'loss')
+                            if k not in _NOT_LOSS_TERMS and k != 'loss'
+                            and '/' not in k)
   panels = [(k, [row.get(k, np.nan) for row in train]) for k in terms]
   if 'lr' in train[-1]:
     panels.append(('learning rate', [row.get('lr', np.nan) for row in train]))
@@ -108,7 +111,7 @@ def plot_history(history: Mapping[str, Any], title: str, path: str) -> bool:
   columns = min(3, len(panels) + bool(val))
   rows = -(-(len(panels) + bool(val)) // columns)
   fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows),
-                           dpi=100, squeeze=False)
+                           dpi=100, squeeze=False, layout='constrained')
   axes = list(axes.flat)
   for ax, (name, values) in zip(axes, panels):
     ax.plot(steps, values, color='tab:blue' if name != 'learning rate'
@@ -126,8 +129,8 @@ def plot_history(history: Mapping[str, Any], title: str, path: str) -> bool:
     ax.axis('off')
   for ax in axes[-columns:]:
     ax.set_xlabel('step', fontsize=8)
+  # The constrained layout leaves room for the title (tight_layout did not).
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
   return True

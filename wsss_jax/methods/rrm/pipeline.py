@@ -11,13 +11,24 @@
                 Eqs. 2–4) on the first training images, scored against the
                 ground truth: the "CAM mIoU" of results.json
     evaluate    the segmentation branch, single scale, scored with and
-                without the test CRF
+                without the test CRF (with Fig. 3's rows for the report)
+
+The two-step variant (`:two_step`, Table 5) names the last stage
+`one_step_evaluate` and continues:
+
+    one_step_labels  the one-step network's predictions on the training
+                     split (single scale, the test CRF): the labels
+    deeplab          the benchmark's segmenter (`config.model`) trained on
+                     them from its own initialisation, with its own recipe
+                     (`rrm.second_step_*`)
+    evaluate         the segmenter, scored like the one-step network
 
 Paper first, the official code where the paper is silent (docs/rrm.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -38,14 +49,16 @@ from wsss_jax.host.crf import CrfParams
 from wsss_jax.methods.rrm import labels as labels_lib
 from wsss_jax.methods.rrm import model as rrm_model
 from wsss_jax.methods.rrm import objective
+from wsss_jax.methods.rrm import report as rrm_report
 from wsss_jax.ops import image as image_ops
 from wsss_jax.ops.resize import resize_bilinear
 from wsss_jax.pseudo import engine
 from wsss_jax.runtime import Runtime
-from wsss_jax.stages import MethodPipeline
+from wsss_jax.stages import MethodPipeline, PseudoLabels
 from wsss_jax.training import mesh as mesh_lib
 
 CAM_FOLDER = 'cam'
+PSEUDO_KEY = 'pseudo'
 
 # Batches whose lattices size the in-step CRF's table, and the margin over
 # the largest: a batch that still overflows is recomputed with a full table.
@@ -79,6 +92,31 @@ def classify_config(config):
   return config
 
 
+def second_step_config(config):
+  """The run config as the two-step variant's segmenter sees it: the
+  benchmark's segmentation recipe (`rrm.second_step_lr`, `_batch_size`,
+  `_steps`), the segmenter's head group, validated at the end only."""
+  config = config.copy_and_resolve_references()
+  cfg = config.rrm
+  config.optim.lr = float(cfg.second_step_lr)
+  config.optim.head_modules = ('head',)
+  config.input.batch_size = int(cfg.second_step_batch_size)
+  config.train.update(num_steps=int(cfg.second_step_steps), eval_every=0)
+  return config
+
+
+def label_eval_config(config):
+  """How the one-step network labels the training split for the second
+  step: `config.eval` at one scale, without flip, with the CRF of
+  `rrm.second_step_crf` / `second_step_crf_params` (the fields the label
+  stage owns; it ignores `config.eval`)."""
+  eval_config = config.eval.copy_and_resolve_references()
+  eval_config.update(scales=(1.0,), flip=False,
+                     crf=bool(config.rrm.second_step_crf))
+  eval_config.crf_params = config.rrm.second_step_crf_params
+  return eval_config
+
+
 def pipeline(rt: Runtime) -> MethodPipeline:
   """The stages of `config.rrm.variant` (Table 2 rows)."""
   cfg = rt.config.rrm
@@ -100,23 +138,61 @@ def pipeline(rt: Runtime) -> MethodPipeline:
       rt, 'train', model=model, loss_fn=_Deferred(train_loss),
       init_stage='classify',
       description='one-step RRM: online reliable labels, CE + energy')
+  # The in-step CRF's backend changes the labels the step trains on.
+  train = dataclasses.replace(train, ignores=tuple(
+      field for field in train.ignores if field != 'crf'))
   cam_quality = cs.model_label_stage(
       rt, 'cam_quality', 'train', model,
       functools.partial(_cam_labels, rt, model, options,
                         int(cfg.cam_quality_images)),
       outputs=(CAM_FOLDER,),
       description='CAM labels of the final network on training images')
-  evaluate = cs.evaluate_stage(rt, 'train', model=model,
-                               description='segmentation branch on val')
+  two_step = cfg.variant == 'two_step'
+
+  def fig3(context, stage_dir, net, variables):
+    return rrm_report.write_figures(
+        rt, context.workdir, os.path.join(stage_dir, 'figures'), net,
+        variables, options, rt.config.report.num_examples)
+  one_step_evaluate = cs.evaluate_stage(
+      rt, 'train', model=model, figures_fn=fig3,
+      name='one_step_evaluate' if two_step else 'evaluate',
+      description='segmentation branch on val')
+  stages = [classify, train, cam_quality, one_step_evaluate]
+  train_stages = ('classify', 'train')
+  pseudo = None
+  if two_step:
+    stages += _second_step(rt, model)
+    train_stages += ('deeplab',)
+    pseudo = PseudoLabels('one_step_labels',
+                          cs.label_path('one_step_labels'))
   epoch_steps = -(-len(rt.dataset.index(rt.train_split).image_ids)
                   // int(rt.config.input.batch_size))
-  return MethodPipeline([classify, train, cam_quality, evaluate],
-                        eval_stage='evaluate',
-                        train_stages=('classify', 'train'),
+  return MethodPipeline(stages, eval_stage='evaluate',
+                        train_stages=train_stages, pseudo=pseudo,
                         extra_results=functools.partial(
                             _extra_results, num_classes=rt.num_classes,
                             class_names=tuple(rt.class_names),
                             epoch_steps=epoch_steps))
+
+
+def _second_step(rt: Runtime, one_step_model) -> list:
+  """Table 5's second step: label the training split with the one-step
+  network, train the benchmark's segmenter on the labels, score it."""
+  rt2 = rt.with_config(second_step_config(rt.config))
+  segmenter = segmentation.build_segmenter(rt2)
+  return [
+      cs.prediction_label_stage(
+          rt, 'one_step_labels', 'train', label_eval_config(rt.config),
+          model=one_step_model,
+          description='the one-step network labels the training split'),
+      cs.train_stage(
+          rt2, 'deeplab', model=segmenter,
+          loss_fn=segmentation.cross_entropy_on(PSEUDO_KEY),
+          label_folders={PSEUDO_KEY: cs.label_path('one_step_labels')},
+          description='second step: the segmenter on the one-step labels'),
+      cs.evaluate_stage(rt2, 'deeplab', model=segmenter,
+                        description='the second-step segmenter on val'),
+  ]
 
 
 def _cam_label(example: dict[str, Any]) -> np.ndarray:
@@ -209,12 +285,21 @@ def reliable_label_summary(history: list[dict[str, Any]], num_classes: int,
 def _extra_results(by_stage: dict[str, dict[str, Any]], *, num_classes: int,
                    class_names: tuple[str, ...], epoch_steps: int
                    ) -> dict[str, Any]:
-  """results.json['rrm']: the score without the test CRF and the reliable
-  labels' quality over the last training epoch."""
+  """results.json['rrm']: the score without the test CRF, the CAM mIoU,
+  the reliable labels' quality over the last training epoch and, in the
+  two-step variant, the one-step network's scores ('one_step')."""
   out = {}
   evaluation = by_stage.get('evaluate', {})
   if 'without_crf' in evaluation:
     out['val_miou_without_crf'] = evaluation['without_crf']['miou']
+  one_step = by_stage.get('one_step_evaluate')
+  if one_step:
+    # The two-step variant: the one-step network's own scores beside the
+    # second step's (Table 5).
+    out['one_step'] = {'val_miou': one_step.get('miou')}
+    if 'without_crf' in one_step:
+      out['one_step']['val_miou_without_crf'] = (
+          one_step['without_crf']['miou'])
   quality = by_stage.get('cam_quality', {}).get('quality')
   if quality:
     out['cam_miou'] = quality['miou']
