@@ -14,7 +14,9 @@ Same network, batch and benchmark images (the first training batches of
 each with the CRF on the host ('pydensecrf', a callback the step waits for)
 and on the device ('jax').  Differences between rows give the share of each
 part (CAM passes, CRF, energy).  Median step time after compilation; the
-supervised step of the same backbone and batch is the unit.  JSON to
+supervised step of the same backbone and batch is the unit.  With the host
+CRF, `host_crf_wait_share` is the share of the timed steps spent inside the
+CRF callback: the device's idle share, since the step waits for the labels.  JSON to
 experiments/out/benchmark_rrm.json.
 """
 
@@ -30,6 +32,7 @@ from absl import app, flags
 import jax
 
 from wsss_jax import pretraining, run, runtime, segmentation
+from wsss_jax.crf import traced
 from wsss_jax.methods.rrm import model as rrm_model
 from wsss_jax.methods.rrm import objective
 from wsss_jax.methods.rrm import pipeline as rrm_pipeline
@@ -49,17 +52,21 @@ def _config(arg=''):
 
 
 def _time(step_fn, state, batches, steps):
+  """(state, first step's seconds, median step seconds, share of the timed
+  steps spent waiting for host CRF callbacks)."""
   start = time.perf_counter()
   state, metrics = step_fn(state, batches[0])
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   times = []
+  host_before = traced.host_callback_seconds()
   for k in range(steps):
     start = time.perf_counter()
     state, metrics = step_fn(state, batches[(k + 1) % len(batches)])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return state, first, statistics.median(times)
+  host_share = (traced.host_callback_seconds() - host_before) / sum(times)
+  return state, first, statistics.median(times), host_share
 
 
 def main(argv):
@@ -85,10 +92,13 @@ def main(argv):
   def row(name, loss_fn):
     step_fn = step_lib.make_train_step(model, loss_fn, rt.normalization,
                                        rt.mesh)
-    _, first, median = _time(step_fn, fresh_state(), batches, _STEPS.value)
-    print(f'{name}: {median:.3f} s/step (first {first:.1f} s)', flush=True)
+    _, first, median, host_share = _time(step_fn, fresh_state(), batches,
+                                         _STEPS.value)
+    print(f'{name}: {median:.3f} s/step (first {first:.1f} s; '
+          f'{100 * host_share:.0f} % waiting for the host CRF)', flush=True)
     return {'row': name, 'median_step_seconds': round(median, 4),
-            'compile_and_first_step_seconds': round(first, 2)}
+            'compile_and_first_step_seconds': round(first, 2),
+            'host_crf_wait_share': round(host_share, 3)}
 
   rows = []
   supervised_net = segmentation.build_segmenter(rt)
@@ -99,7 +109,7 @@ def main(argv):
   sup_state = state_lib.create_train_state(
       supervised_net, make_tx, rng, (1, crop, crop, 3), rt.mesh,
       variables=sup_vars)
-  _, first, unit = _time(sup_step, sup_state, batches, _STEPS.value)
+  _, first, unit, _ = _time(sup_step, sup_state, batches, _STEPS.value)
   rows.append({'row': 'supervised', 'median_step_seconds': round(unit, 4),
                'compile_and_first_step_seconds': round(first, 2)})
   print(f'supervised: {unit:.3f} s/step', flush=True)

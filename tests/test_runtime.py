@@ -32,6 +32,11 @@ def test_with_config_keeps_the_dataset_and_refuses_another():
   other.train.num_steps = 7
   assert rt.with_config(other).config.train.num_steps == 7
   assert rt.with_config(other).dataset is rt.dataset
+  # A stage's own model brings the normalisation its weights expect.
+  assert rt.normalization == 'imagenet'
+  other.model.weights_source = 'caffe'
+  assert rt.with_config(other).normalization == 'caffe'
+  assert rt.with_config(other).pad_color != rt.pad_color
   with other.unlocked():
     other.data.name = 'shapes_aux'
   with pytest.raises(ValueError, match='with_data'):

@@ -34,12 +34,15 @@ class Runtime:
 
   def with_config(self, config) -> 'Runtime':
     """This runtime (same dataset and mesh) for stages that run with another
-    config: a stage-1 network with its own model, steps and optimiser."""
+    config: a stage-1 network with its own model, steps and optimiser (and
+    the input normalisation its model's weights expect)."""
     if config.data.name != self.dataset.name:
       raise ValueError(f'with_config: config.data.name={config.data.name!r} '
                        f'but the runtime holds {self.dataset.name!r}; use '
                        'with_data for another dataset.')
-    return dataclasses.replace(self, config=config)
+    return dataclasses.replace(
+        self, config=config,
+        normalization=image_ops.normalization_for(config.model, config.input))
 
   def with_data(self, data_config) -> 'Runtime':
     """This runtime on the dataset of `data_config` (a `config.data`-like

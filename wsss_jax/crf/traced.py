@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import time
 from typing import Sequence
 
 import jax
@@ -48,13 +49,27 @@ def _host_pool(backend: str, params: host_crf.CrfParams,
   return host_pool
 
 
+# Seconds this process has spent inside host CRF callbacks: the time the
+# jitted step waits for them (experiments/benchmark_rrm.py reports it as the
+# device's idle share of a step).
+_host_seconds = [0.0]
+
+
+def host_callback_seconds() -> float:
+  """Total seconds spent in host-backend callbacks by this process."""
+  return _host_seconds[0]
+
+
 def _host_marginals(backend: str, params: host_crf.CrfParams, workers: int,
                     images: np.ndarray, probs: np.ndarray) -> np.ndarray:
+  start = time.perf_counter()
   images = np.asarray(images).astype(np.uint8)
   probs = np.asarray(probs, np.float32)
   items = [(image, p.transpose(2, 0, 1)) for image, p in zip(images, probs)]
   out = list(_host_pool(backend, params, workers).imap(items))
-  return np.stack(out).transpose(0, 2, 3, 1)
+  result = np.stack(out).transpose(0, 2, 3, 1)
+  _host_seconds[0] += time.perf_counter() - start
+  return result
 
 
 def traced_dense_crf(images: jax.Array, probs: jax.Array,

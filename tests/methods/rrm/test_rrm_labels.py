@@ -193,9 +193,11 @@ def test_traced_crf_backends_agree_and_overflow_falls_back():
                    .transpose(1, 2, 0) for i, p in zip(images, probs)])
   run = jax.jit(lambda i, p: traced.traced_dense_crf(i, p, params,
                                                      'pydensecrf'))
+  waited = traced.host_callback_seconds()
   q, overflowed = run(images, probs)
   np.testing.assert_allclose(q, host, atol=1e-6)
   assert not bool(overflowed)
+  assert traced.host_callback_seconds() > waited   # the host wait is counted
   full = jax_crf.dense_crf(jnp.asarray(images), jnp.asarray(probs), params)
   tight = jax.jit(lambda i, p: traced.traced_dense_crf(
       i, p, params, 'jax', capacity=(64, 64)))
