@@ -14,8 +14,11 @@ from wsss_jax.models import build
 from wsss_jax.models import weights
 from wsss_jax.tools import convert_weights as cw
 
+from wsss_jax import defaults
+from wsss_jax.methods.rrm import model as rrm_model
+
 from torch_reference import (
-    VGG_NAMES, VGG_INDICES, fake_vgg, vgg_forward, deeplab_vgg_names, lpg_vgg_names, fake_resnet, resnet_forward, deeplab_resnet_names, torchvision_resnet_names, _vgg_config, _resnet_config, _init, _template, _run, _write_source, _convert, _flat_torch)
+    VGG_NAMES, VGG_INDICES, fake_vgg, vgg_forward, deeplab_vgg_names, lpg_vgg_names, fake_resnet, resnet_forward, deeplab_resnet_names, torchvision_resnet_names, fake_psa_resnet38, psa_resnet38_forward, _vgg_config, _resnet_config, _init, _template, _run, _write_source, _convert, _flat_torch)
 
 
 # --------------------------------------------------------------------------
@@ -179,6 +182,117 @@ def test_frozen_file_loads_into_trained_bn_by_relocation(tmp_path):
   _, report = weights.load_weights(_template(model, 17), trainable)
   assert report['relocated'] == []
 
+
+
+def _psa_rrm_net(num_classes=21, seg_channels=8, seg_dilation=2):
+  """RRM's network on a 1/16-width ResNet-38 (dilation 2: the 12 of RRM
+  would read only padding on a 6x6 map)."""
+  config = defaults.resnet38_model()
+  config.width = 1 / 16
+  return rrm_model.RRMNet(backbone=build.build_backbone(config),
+                          num_classes=num_classes, seg_channels=seg_channels,
+                          seg_dilation=seg_dilation, cam_scales=())
+
+
+def _psa_target(key):
+  """The converted key of a PSA/RRM PyTorch key and how its array changes."""
+  module, _, leaf = key[len('module.'):].rpartition('.')
+  module = {'fc8': 'classifier', 'fc8_seg_conv1': 'head.conv1',
+            'fc8_seg_conv2': 'head.conv2'}.get(module, f'backbone.{module}')
+  path = module.replace('.', '/')
+  if leaf == 'weight' and '/bn' not in path:
+    return f'params/{path}/kernel', lambda w: w.transpose(2, 3, 1, 0)
+  name = {'weight': 'scale', 'running_mean': 'mean',
+          'running_var': 'var'}.get(leaf, leaf)
+  collection = 'params' if name == 'bias' and '/bn' not in path else (
+      'batch_stats')
+  return f'{collection}/{path}/{name}', lambda v: v
+
+
+def test_psa_resnet38_round_trip_matches_numpy_network(tmp_path):
+  rng = np.random.default_rng(12)
+  state = fake_psa_resnet38(rng)
+  report = cw.convert_file(_write_source(tmp_path, state), 'psa_resnet38',
+                           str(tmp_path / 'rrm.npz'))
+  assert report['stripped_prefix'] == 'module.'
+  assert report['inferred_model']['width'] == 1 / 16
+  assert report['inferred_model']['num_classes'] == 21
+  assert report['not_produced'] == []
+  counters = sorted(k for k in state if k.endswith('num_batches_tracked'))
+  assert sorted('module.' + k for k, _ in report['unused']) == counters
+  model = _psa_rrm_net()
+  variables, loaded = weights.load_weights(_template(model, 41),
+                                           str(tmp_path / 'rrm.npz'))
+  # Every source array landed once, where it belongs, transposed; nothing
+  # is left over on either side.
+  assert loaded['missing'] == [] and loaded['relocated'] == []
+  assert loaded['loaded'] == len(state) - len(counters) == report['converted']
+  flat = weights.flatten_variables(variables)
+  for key in sorted(set(state) - set(counters)):
+    target, convert = _psa_target(key)
+    np.testing.assert_array_equal(flat[target], convert(state[key]),
+                                  err_msg=key)
+  # The whole network against numpy: strides, dilations, pre-activation
+  # order, the raw-input identity shortcut and RRM's two branches.
+  images = rng.normal(size=(1, 41, 41, 3)).astype(np.float32)
+  with jax.default_matmul_precision('highest'):
+    ours, captured = jax.jit(lambda v, x: model.apply(
+        v, x, capture_intermediates=lambda m, _: m.name == 'backbone',
+        mutable=['intermediates']))(variables, images)
+  backbone, = captured['intermediates']['backbone']['__call__']
+  expected = psa_resnet38_forward(state, images[0], seg_dilation=2)
+  assert backbone['features'].shape == (1, 6, 6, 256)
+  for name, value in (('conv4', backbone['conv4']),
+                      ('conv5', backbone['conv5']),
+                      ('conv6', backbone['features']), ('cam', ours['cam']),
+                      ('seg', ours['logits'])):
+    scale = np.max(np.abs(expected[name]))
+    np.testing.assert_allclose(value[0] / scale, expected[name] / scale,
+                               atol=1e-5, err_msg=name)
+
+
+def test_psa_resnet38_backbone_only_file_and_errors(tmp_path):
+  rng = np.random.default_rng(13)
+  state = fake_psa_resnet38(rng)
+  imagenet = {k: v for k, v in state.items() if '.fc8' not in k}
+  report = cw.convert_file(_write_source(tmp_path, imagenet), 'psa_resnet38',
+                           str(tmp_path / 'imagenet.npz'))
+  assert report['not_produced'] == [
+      'params/classifier/kernel', 'params/head/conv1/bias',
+      'params/head/conv1/kernel', 'params/head/conv2/bias',
+      'params/head/conv2/kernel']
+  model = _psa_rrm_net()
+  with pytest.raises(weights.WeightsError, match='classifier/kernel'):
+    weights.load_weights(_template(model, 17), str(tmp_path / 'imagenet.npz'))
+  weights.load_weights(_template(model, 17), str(tmp_path / 'imagenet.npz'),
+                       allow_missing=weights.NOT_BACKBONE)
+  # A file of another width does not load, naming the arrays.
+  with pytest.raises(weights.WeightsError, match='shape mismatches'):
+    weights.load_weights(_template(_psa_rrm_net(), 17),
+                         cw.convert_file(
+                             _write_source(tmp_path, fake_psa_resnet38(
+                                 rng, width=1 / 8)),
+                             'psa_resnet38', str(tmp_path / 'wide.npz'))[
+                                 'output'])
+  # Shapes that fit no ResNet-38, or RRM branches that disagree.
+  for key, shape, where in (
+      ('module.b4_2.conv_branch2a.weight', (32, 16, 3, 3),
+       'b4_2/conv_branch2a/kernel'),
+      ('module.b6.conv_branch2b1.weight', (64, 32, 1, 1),
+       'b6/conv_branch2b1/kernel'),
+      ('module.fc8.weight', (20, 128, 1, 1), 'classifier/kernel'),
+      ('module.fc8_seg_conv2.weight', (20, 8, 3, 3), 'head/conv2/kernel')):
+    broken = dict(state)
+    broken[key] = np.zeros(shape, np.float32)
+    with pytest.raises(cw.ConversionError, match=where):
+      cw.convert_file(_write_source(tmp_path, broken), 'psa_resnet38',
+                      str(tmp_path / 'broken.npz'))
+  for key in ('module.b8.conv_branch2a.weight', 'module.b2.conv_x.weight'):
+    with pytest.raises(cw.ConversionError, match='wrong --layout'):
+      cw.convert_state_dict({**state, key: np.zeros((1, 1, 1, 1))},
+                            'psa_resnet38')
+  with pytest.raises(cw.ConversionError, match='wrong --layout'):
+    cw.convert_state_dict(state, 'deeplab_resnet101')
 
 
 # --------------------------------------------------------------------------

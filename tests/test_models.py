@@ -497,6 +497,129 @@ def test_tiny_forward_and_grad_are_finite(make_config):
 
 
 # --------------------------------------------------------------------------
+# PSA's ResNet-38
+# --------------------------------------------------------------------------
+def _tiny_resnet38(**overrides):
+  config = defaults.resnet38_model()
+  config.width = 1 / 16
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _random_variables(model, size, seed=0):
+  """`model`'s variables without compiling its init: He-scaled kernels,
+  BN vectors in their ranges (positive variances)."""
+  rng = np.random.default_rng(seed)
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      std = np.sqrt(2 / np.prod(leaf.shape[:-1]))
+      return rng.normal(0, std, leaf.shape).astype(np.float32)
+    if name in ('scale', 'var'):
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(
+      fill, build.abstract_variables(model, size))
+
+
+def test_resnet38_output_stride_8_channels_and_parameter_count():
+  config = defaults.resnet38_model()
+  backbone = build.build_backbone(config)
+  variables, out = _abstract_apply(backbone, 321)
+  assert _shapes(out) == {
+      'features': (2, 41, 41, 4096), 'conv4': (2, 41, 41, 512),
+      'conv5': (2, 41, 41, 1024),
+      'levels': {'c2': (2, 81, 81, 256), 'c3': (2, 41, 41, 512),
+                 'c4': (2, 41, 41, 1024), 'c5': (2, 41, 41, 4096)}}
+  # Hand count from the layer list (convs only, all bias-free; PyTorch
+  # would add the 2 x 23,872 BN affine values, which frozen BN keeps in
+  # batch_stats with the running statistics).
+  assert build.param_count(variables['params']) == 105_023_168
+  assert build.param_count(variables['batch_stats']) == 4 * 23_872
+  _, out = _abstract_apply(build.build_model(config, 21), 321)
+  assert out['logits'].shape == (2, 41, 41, 21)
+  tiny = _tiny_resnet38()
+  _, out = _abstract_apply(build.build_backbone(tiny), 33)
+  assert out['features'].shape == (2, 5, 5, 256)
+  assert (out['conv4'].shape[-1], out['conv5'].shape[-1]) == (32, 64)
+  for size in (33, 97, 320, 513):
+    _, out = _abstract_apply(build.build_backbone(tiny), size)
+    assert out['features'].shape[1] == build.feature_size(tiny, size)
+
+
+def test_resnet38_dilations_and_strides():
+  model = build.build_backbone(_tiny_resnet38())
+  images = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
+  geometry = _conv_geometry(model, build.abstract_variables(model, 33),
+                            images)
+  # conv1a, 15 two-conv blocks, 2 bottlenecks of 3, 4 + 2 projections.
+  assert len(geometry) == 1 + 15 * 2 + 2 * 3 + 6
+  strided = sorted(k for k, v in geometry.items() if v[0] != (1, 1))
+  assert strided == [f'b{i}/conv_branch{j}' for i in (2, 3, 4)
+                     for j in ('1', '2a')]
+  assert sorted(k for k in geometry if 'branch1' in k) == [
+      f'b{i}/conv_branch1' for i in range(2, 8)]
+  def dilation_and_padding(name):
+    _, dilation, padding = geometry[name]
+    return dilation[0], padding[0][0]
+  assert dilation_and_padding('b4_5/conv_branch2b1') == (1, 1)
+  assert dilation_and_padding('b5/conv_branch2a') == (1, 1)
+  for name in ('b5/conv_branch2b1', 'b5_1/conv_branch2a',
+               'b5_2/conv_branch2b1'):
+    assert dilation_and_padding(name) == (2, 2)
+  for block in ('b6', 'b7'):
+    assert dilation_and_padding(f'{block}/conv_branch2b1') == (4, 4)
+    assert geometry[f'{block}/conv_branch2a'][2] == ((0, 0), (0, 0))
+    assert geometry[f'{block}/conv_branch2b2'][2] == ((0, 0), (0, 0))
+
+
+def test_resnet38_dropout_only_in_training_frozen_bn_and_gradient():
+  model = build.build_backbone(_tiny_resnet38())
+  images = jax.random.normal(_key(1), (2, 33, 33, 3))
+  variables = _random_variables(model, 33)
+  # Frozen BN: nothing of a BN layer among the parameters.
+  assert all(k.split('/')[-2].startswith('conv') and k.endswith('/kernel')
+             for k in weights.flatten_variables(variables['params']))
+
+  def loss_fn(params, key):
+    out, updated = model.apply({**variables, 'params': params}, images,
+                               train=True, rngs={'dropout': key},
+                               mutable=['batch_stats'])
+    return jnp.mean(out['features'] ** 2), (out, updated)
+
+  # One compiled training pass serves the dropout, BN and gradient checks.
+  train = jax.jit(jax.grad(loss_fn, has_aux=True))
+  grads, (first, updated) = train(variables['params'], _key(2))
+  _, (second, _) = train(variables['params'], _key(3))
+  evaluated = _apply(model, variables, images, train=False)
+  for key, value in weights.flatten_variables(updated['batch_stats']).items():
+    np.testing.assert_array_equal(
+        value, weights.flatten_variables(variables['batch_stats'])[key])
+  norms = weights.flatten_variables(jax.device_get(jax.jit(
+      lambda tree: jax.tree.map(lambda g: jnp.abs(g).sum(), tree))(grads)))
+  assert all(np.isfinite(n) and n > 0 for n in norms.values()), norms
+  # Dropout2d sits inside b6 and b7 only: conv4 (b5's input) and conv5
+  # (b6's input) are those of inference, the features are not.  (The
+  # gradient program orders float32 sums differently: 1e-4 of the scale.)
+  for name in ('conv4', 'conv5'):
+    scale = float(jnp.abs(evaluated[name]).max())
+    np.testing.assert_allclose(first[name], evaluated[name],
+                               atol=1e-3 * scale)
+  assert not np.allclose(first['features'], second['features'])
+  assert not np.allclose(first['features'], evaluated['features'])
+  np.testing.assert_array_equal(
+      evaluated['features'],
+      _apply(model, variables, images, train=False)['features'])
+  # Trained BN, the option: scale/bias become parameters.
+  trained = build.abstract_variables(
+      build.build_backbone(_tiny_resnet38(frozen_bn=False)), 33)
+  assert _shapes(trained['params']['b6']['bn_branch2b2']) == {
+      'scale': (64,), 'bias': (64,)}
+  with pytest.raises(ValueError, match='output stride 8 only'):
+    build.build_backbone(_tiny_resnet38(output_stride=16))
+
+# --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors():

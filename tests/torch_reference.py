@@ -233,6 +233,93 @@ def torchvision_resnet_names(net, rng):
 
 
 # --------------------------------------------------------------------------
+# PSA's ResNet-38 (pre-activation), on PyTorch names directly
+# --------------------------------------------------------------------------
+# (name, in, mid, out, stride, first dilation, dilation) of the two-conv
+# blocks and (name, in, out, dilation) of the bottlenecks, width 1: PSA's
+# layer list (the table in wsss_jax/models/resnet38.py's docstring).
+PSA_RES_BLOCKS = (
+    (('b2', 64, 128, 128, 2, 1, 1),)
+    + tuple((f'b2_{i}', 128, 128, 128, 1, 1, 1) for i in (1, 2))
+    + (('b3', 128, 256, 256, 2, 1, 1),)
+    + tuple((f'b3_{i}', 256, 256, 256, 1, 1, 1) for i in (1, 2))
+    + (('b4', 256, 512, 512, 2, 1, 1),)
+    + tuple((f'b4_{i}', 512, 512, 512, 1, 1, 1) for i in range(1, 6))
+    + (('b5', 512, 512, 1024, 1, 1, 2),)
+    + tuple((f'b5_{i}', 1024, 512, 1024, 1, 2, 2) for i in (1, 2)))
+PSA_BOTTLENECKS = (('b6', 1024, 2048, 4), ('b7', 2048, 4096, 4))
+
+
+def fake_psa_resnet38(rng, width=1 / 16, classes=20, seg_hidden=8):
+  """A PSA/RRM ResNet-38 state dict of random numpy arrays, PyTorch names
+  (`conv1a.weight`, `b4_2.bn_branch2a.running_var`, ..., RRM's `fc8` and
+  `fc8_seg_conv1/2`), BN counters included, every key under `module.`."""
+  c = lambda n: max(1, int(round(n * width)))
+  state = {}
+  def conv(name, out_ch, in_ch, k, bias=False):
+    state.update(_flat_torch(name, _conv_params(rng, out_ch, in_ch, k, bias)))
+  def bn(name, ch):
+    state.update(_flat_torch(name, _bn_params(rng, ch)))
+    state[f'{name}.num_batches_tracked'] = np.array(7, np.int64)
+  conv('conv1a', c(64), 3, 3)
+  for name, c_in, mid, c_out, stride, _, _ in PSA_RES_BLOCKS:
+    bn(f'{name}.bn_branch2a', c(c_in))
+    if c_in != c_out or stride != 1:
+      conv(f'{name}.conv_branch1', c(c_out), c(c_in), 1)
+    conv(f'{name}.conv_branch2a', c(mid), c(c_in), 3)
+    bn(f'{name}.bn_branch2b1', c(mid))
+    conv(f'{name}.conv_branch2b1', c(c_out), c(mid), 3)
+  for name, c_in, c_out, _ in PSA_BOTTLENECKS:
+    bn(f'{name}.bn_branch2a', c(c_in))
+    conv(f'{name}.conv_branch1', c(c_out), c(c_in), 1)
+    conv(f'{name}.conv_branch2a', c(c_out // 4), c(c_in), 1)
+    bn(f'{name}.bn_branch2b1', c(c_out // 4))
+    conv(f'{name}.conv_branch2b1', c(c_out // 2), c(c_out // 4), 3)
+    bn(f'{name}.bn_branch2b2', c(c_out // 2))
+    conv(f'{name}.conv_branch2b2', c(c_out), c(c_out // 2), 1)
+  bn('bn7', c(4096))
+  conv('fc8', classes, c(4096), 1)
+  conv('fc8_seg_conv1', seg_hidden, c(4096), 3, bias=True)
+  conv('fc8_seg_conv2', classes + 1, seg_hidden, 3, bias=True)
+  return {f'module.{k}': v for k, v in state.items()}
+
+
+def psa_resnet38_forward(state, x, seg_dilation):
+  """PSA's ResNet-38 and RRM's two branches in numpy on a state dict of
+  `fake_psa_resnet38`; x (H, W, 3).  Returns {'conv4', 'conv5', 'conv6',
+  'cam' (ReLU of fc8), 'seg' (the segmentation logits)}."""
+  state = {k[len('module.'):]: v for k, v in state.items()}
+  def bn_relu(h, name):
+    return relu(np_bn(h, {leaf: state[f'{name}.{leaf}'] for leaf in (
+        'weight', 'bias', 'running_mean', 'running_var')}))
+  def conv(h, name, stride=1, dil=1):
+    weight = state[f'{name}.weight']
+    return np_conv(h, weight, state.get(f'{name}.bias'), stride=stride,
+                   pad=dil * (weight.shape[-1] // 2), dil=dil)
+  normalised = {}
+  h = conv(x.astype(np.float64), 'conv1a')
+  for name, c_in, _, c_out, stride, first_dil, dil in PSA_RES_BLOCKS:
+    a = normalised[name] = bn_relu(h, f'{name}.bn_branch2a')
+    branch1 = (conv(a, f'{name}.conv_branch1', stride)
+               if c_in != c_out or stride != 1 else h)
+    y = conv(a, f'{name}.conv_branch2a', stride, first_dil)
+    y = conv(bn_relu(y, f'{name}.bn_branch2b1'), f'{name}.conv_branch2b1',
+             dil=dil)
+    h = branch1 + y
+  for name, _, _, dil in PSA_BOTTLENECKS:
+    a = normalised[name] = bn_relu(h, f'{name}.bn_branch2a')
+    y = bn_relu(conv(a, f'{name}.conv_branch2a'), f'{name}.bn_branch2b1')
+    y = bn_relu(conv(y, f'{name}.conv_branch2b1', dil=dil),
+                f'{name}.bn_branch2b2')
+    h = conv(a, f'{name}.conv_branch1') + conv(y, f'{name}.conv_branch2b2')
+  conv6 = bn_relu(h, 'bn7')
+  seg = relu(conv(conv6, 'fc8_seg_conv1', dil=seg_dilation))
+  return {'conv4': normalised['b5'], 'conv5': normalised['b6'],
+          'conv6': conv6, 'cam': relu(conv(conv6, 'fc8')),
+          'seg': conv(seg, 'fc8_seg_conv2', dil=seg_dilation)}
+
+
+# --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
 def _key(seed):

@@ -151,6 +151,20 @@ def resnet101_model() -> ConfigDict:
   return config
 
 
+def resnet38_model() -> ConfigDict:
+  """PSA/AffinityNet's wide ResNet-38 (RRM, PMM), output stride 8, frozen BN.
+
+  PSA's weights (`convert_weights --layout=psa_resnet38`) expect RGB input
+  with the ImageNet mean and std, hence `weights_source='torchvision'`.
+  """
+  config = largefov_model()
+  config.backbone = 'resnet38_psa'
+  config.dropout = 0.0                     # unused: b6/b7 have fixed Dropout2d
+  config.output_stride = 8                 # the only one (fixed dilations)
+  config.weights_source = 'torchvision'
+  return config
+
+
 # ----------------------------------------------------------------------------
 # Optimisation, training, evaluation
 # ----------------------------------------------------------------------------

@@ -5,10 +5,12 @@
     out = model.apply(variables, images, train=True,
                       rngs={'dropout': key}, mutable=['batch_stats'])
 
-Fields read (see `defaults.largefov_model` / `resnet101_model`): backbone,
-width, fc6_dilation, fc_dim, dropout, head, head_bias, aspp_rates, aspp_dim,
-frozen_bn, and for ResNet resnet_blocks, resnet_stride_in_1x1,
-resnet_stem_ceil_mode, output_stride (defaults used when a config lacks them).
+Fields read (see `defaults.largefov_model` / `resnet101_model` /
+`resnet38_model`): backbone, width, fc6_dilation, fc_dim, dropout, head,
+head_bias, aspp_rates, aspp_dim, frozen_bn, and for ResNet resnet_blocks,
+resnet_stride_in_1x1, resnet_stem_ceil_mode, output_stride (defaults used when
+a config lacks them; ResNet-38 reads only width, frozen_bn and output_stride,
+which must be 8).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import numpy as np
 from wsss_jax.models import heads
 from wsss_jax.models import layers
 from wsss_jax.models import resnet
+from wsss_jax.models import resnet38
 from wsss_jax.models import segmenter
 from wsss_jax.models import vgg
 
-BACKBONES = ('vgg16_largefov', 'resnet101_deeplab')
+BACKBONES = ('vgg16_largefov', 'resnet101_deeplab', 'resnet38_psa')
 HEADS = ('linear', 'aspp_v2', 'cosine', 'dot')
 
 _RESNET_DEFAULTS = dict(resnet_blocks=(3, 4, 23, 3), resnet_stride_in_1x1=True,
@@ -40,7 +43,8 @@ def _field(config: Mapping[str, Any], name: str) -> Any:
   if name in _RESNET_DEFAULTS:
     return _RESNET_DEFAULTS[name]
   raise KeyError(f'model config has no field {name!r} (build it from '
-                 f'wsss_jax.defaults.largefov_model / resnet101_model)')
+                 f'wsss_jax.defaults.largefov_model / resnet101_model / '
+                 f'resnet38_model)')
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -76,6 +80,14 @@ def build_backbone(model_config: Mapping[str, Any],
         output_stride=int(_field(model_config, 'output_stride')),
         frozen_bn=bool(_field(model_config, 'frozen_bn')),
         dtype=dtype)
+  if name == 'resnet38_psa':
+    output_stride = int(_field(model_config, 'output_stride'))
+    if output_stride != 8:
+      raise ValueError(f'model.output_stride={output_stride}: resnet38_psa has '
+                       f'fixed dilations, output stride 8 only')
+    return resnet38.ResNet38(width=width,
+                             frozen_bn=bool(_field(model_config, 'frozen_bn')),
+                             dtype=dtype)
   raise ValueError(f'model.backbone={name!r} is unknown; choose one of '
                    f'{BACKBONES}')
 
@@ -133,12 +145,13 @@ def feature_size(model_config: Mapping[str, Any], size: int) -> int:
   """Side of the logit map for an input side `size` (PyTorch size rules).
 
   VGG: three floor-mode 3/2/1 max-pools, each n -> ceil(n / 2) (321 -> 41).
+  ResNet-38: three stride-2 blocks (3x3/2/1 conv), each n -> ceil(n / 2).
   ResNet: 7x7/2 stem conv (n -> ceil(n / 2)), 3/2/1 stem max-pool (ceil or
   floor mode), then one n -> ceil(n / 2) per stride-2 stage.
   """
   name = _field(model_config, 'backbone')
   halve = lambda n: -(-n // 2)
-  if name == 'vgg16_largefov':
+  if name in ('vgg16_largefov', 'resnet38_psa'):
     return halve(halve(halve(size)))
   if name == 'resnet101_deeplab':
     size = layers.pool_output_size(

@@ -21,6 +21,12 @@ Layouts (source names -> wsss_jax modules, see `wsss_jax.models.vgg/resnet`):
   deeplab_resnet101       kazuto1011/deeplab-pytorch MSRA names:
                           layer1.conv1.{conv,bn}, layerL.blockI.{reduce,conv3x3,
                           increase,shortcut|proj}.{conv,bn}, aspp.c{0..3}.
+  psa_resnet38            PSA/AffinityNet's ResNet-38 (its ImageNet file and
+                          PSA/RRM checkpoints): conv1a, b2..b7 (bn_branch2a,
+                          conv_branch1, conv_branch2a, bn_branch2b1, ...), bn7
+                          -> the same names under backbone/; RRM's fc8 ->
+                          classifier, fc8_seg_conv{1,2} -> head/conv{1,2}
+                          (the parameter tree of wsss_jax.methods.rrm).
 
 Conversions: conv weight OIHW -> kernel HWIO (a 2-D [out, in] weight becomes a
 1x1 kernel), BN weight/bias/running_mean/running_var -> scale/bias/mean/var;
@@ -33,7 +39,8 @@ Channel order is kept: caffe-trained weights expect BGR input, which is what
 feeding RGB to BGR-trained weights, or the reverse).
 
 The result is checked against the wsss_jax model built from the shapes found
-(width, fc_dim, block counts, classes): shape mismatches and unrecognised
+(width, fc_dim, block counts, classes; for psa_resnet38 the backbone plus
+RRM's classifier and segmentation branch): shape mismatches and unrecognised
 source keys are errors; model keys not produced are reported.
 """
 
@@ -50,7 +57,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 LAYOUTS = ('torchvision_vgg16', 'deeplab_vgg16', 'lpg_vgg16',
-           'torchvision_resnet101', 'deeplab_resnet101')
+           'torchvision_resnet101', 'deeplab_resnet101', 'psa_resnet38')
 _WRAPPER_PREFIXES = ('module.', 'base.', 'scale.')
 
 _VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2',
@@ -64,6 +71,13 @@ _LPG_VGG = {**_SEQUENTIAL_VGG, 32: 'backbone/fc6', 35: 'backbone/fc7',
             38: 'head/classifier'}
 _MSRA_BRANCH = {'reduce': '1', 'conv3x3': '2', 'increase': '3',
                 'shortcut': 'shortcut', 'proj': 'shortcut'}
+# PSA's ResNet-38 blocks (module names kept, see wsss_jax.models.resnet38).
+_PSA_BLOCK = r'(b[2-7](?:_\d)?)'
+_PSA_CONVS = r'(conv_branch1|conv_branch2a|conv_branch2b1|conv_branch2b2)'
+_PSA_BNS = r'(bn_branch2a|bn_branch2b1|bn_branch2b2)'
+# RRM's segmentation branch width (RRMNet.seg_channels), assumed when a file
+# has no fc8_seg_conv1 to read it from.
+_RRM_SEG_CHANNELS = 512
 _BN_LEAVES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean',
               'running_var': 'var'}
 
@@ -94,6 +108,13 @@ def _msra_block(m: re.Match) -> str:
   suffix = _MSRA_BRANCH[branch]
   name = f'{suffix}_{op}' if suffix == 'shortcut' else f'{op}{suffix}'
   return f'backbone/layer{int(layer) - 1}/block{block}/{name}'
+
+
+def _psa_block(m: re.Match) -> str | None:
+  from wsss_jax.models import resnet38  # pylint: disable=g-import-not-at-top
+  block, op = m.groups()
+  names = [spec[0] for spec in resnet38.RES_BLOCKS + resnet38.BOTTLENECK_BLOCKS]
+  return f'backbone/{block}/{op}' if block in names else None
 
 
 def _torchvision_block(m: re.Match) -> str:
@@ -141,6 +162,16 @@ _RULES = {
         _Rule(r'aspp\.(?:stages\.)?c(\d)', 'conv',
               lambda m: f'head/c{m.group(1)}'),
         _Rule(r'fc', 'unused', reason='ImageNet classifier'),
+    ),
+    'psa_resnet38': (
+        _Rule(r'conv1a', 'conv', lambda m: 'backbone/conv1a'),
+        _Rule(r'bn7', 'bn', lambda m: 'backbone/bn7'),
+        _Rule(rf'{_PSA_BLOCK}\.{_PSA_CONVS}', 'conv', _psa_block),
+        _Rule(rf'{_PSA_BLOCK}\.{_PSA_BNS}', 'bn', _psa_block),
+        _Rule(r'fc8', 'conv', lambda m: 'classifier'),
+        _Rule(r'fc8_seg_conv([12])', 'conv',
+              lambda m: f'head/conv{m.group(1)}'),
+        _Rule(r'linear1000', 'unused', reason='ImageNet classifier'),
     ),
 }
 
@@ -270,7 +301,8 @@ def _apply_caffe_factors(out: dict, factors: Mapping[str, np.ndarray]) -> None:
 def _flip_first_conv(out: dict) -> bool:
   """Reverses the first conv's input channels in place (BGR <-> RGB)."""
   key = next((k for k in ('params/backbone/conv1_1/kernel',
-                          'params/backbone/conv1/kernel') if k in out), None)
+                          'params/backbone/conv1/kernel',
+                          'params/backbone/conv1a/kernel') if k in out), None)
   if key is None:
     raise ConversionError('--flip_first_conv: the input has no first conv')
   if out[key].shape[2] != 3:
@@ -285,12 +317,23 @@ def infer_model_config(flat: Mapping[str, np.ndarray], layout: str,
   """The wsss_jax model config whose variables the converted arrays describe.
 
   Returns (model_config ConfigDict, num_classes); widths, fc_dim, block counts
-  and the class count come from the array shapes.
+  and the class count come from the array shapes (psa_resnet38: RRM's class
+  count with background, fc8's outputs + 1).
   """
   from wsss_jax import defaults   # pylint: disable=g-import-not-at-top
   def out_channels(key, default):
     return int(flat[key].shape[-1]) if key in flat else default
-  if layout.endswith('vgg16'):
+  if layout == 'psa_resnet38':
+    config = defaults.resnet38_model()
+    config.frozen_bn = frozen_bn
+    stem = 'params/backbone/conv1a/kernel'
+    # RRM's classifier has K outputs (no background), its segmentation
+    # branch K + 1.
+    num_classes = out_channels('params/classifier/kernel', 0) + 1
+    if num_classes == 1:
+      num_classes = out_channels('params/head/conv2/kernel', 21)
+    head_key = None
+  elif layout.endswith('vgg16'):
     config = defaults.largefov_model()
     stem = 'params/backbone/conv1_1/kernel'
     config.fc_dim = out_channels('params/backbone/fc7/kernel',
@@ -323,9 +366,47 @@ def infer_model_config(flat: Mapping[str, np.ndarray], layout: str,
   if stem not in flat:
     raise ConversionError(f'the first conv ({stem}) is missing from the input')
   config.width = out_channels(stem, 64) / 64.0
-  num_classes = out_channels(f'{head_key}/kernel', 21)
-  config.head_bias = f'{head_key}/bias' in flat or f'{head_key}/kernel' not in flat
+  if head_key is not None:
+    num_classes = out_channels(f'{head_key}/kernel', 21)
+    config.head_bias = (f'{head_key}/bias' in flat
+                        or f'{head_key}/kernel' not in flat)
   return config, num_classes
+
+
+def _rrm_branch_shapes(flat: Mapping[str, np.ndarray], features: int,
+                       num_classes: int) -> dict[str, tuple]:
+  """Shapes of RRM's classifier and segmentation branch (the `classifier`
+  and `head` entries of wsss_jax.methods.rrm.model.RRMNet) on `features`
+  backbone channels; the hidden width is the file's, else RRM's 512."""
+  hidden = (int(flat['params/head/conv1/kernel'].shape[-1])
+            if 'params/head/conv1/kernel' in flat else _RRM_SEG_CHANNELS)
+  return {
+      'params/classifier/kernel': (1, 1, features, num_classes - 1),
+      'params/head/conv1/kernel': (3, 3, features, hidden),
+      'params/head/conv1/bias': (hidden,),
+      'params/head/conv2/kernel': (3, 3, hidden, num_classes),
+      'params/head/conv2/bias': (num_classes,),
+  }
+
+
+def _model_shapes(flat: Mapping[str, np.ndarray], layout: str, config,
+                  num_classes: int) -> dict[str, tuple]:
+  """{model key: shape} of the network the converted arrays feed."""
+  from wsss_jax.models import build   # pylint: disable=g-import-not-at-top
+  from wsss_jax.models import weights  # pylint: disable=g-import-not-at-top
+  def shapes(variables, prefix=''):
+    return {f'{collection}/{prefix}{rest}': tuple(leaf.shape)
+            for key, leaf in weights.flatten_variables(variables).items()
+            for collection, rest in [key.split('/', 1)]}
+  if layout != 'psa_resnet38':
+    model = build.build_model(config, num_classes)
+    return shapes(build.abstract_variables(model))
+  # RRM's network lives in a method package, which tools do not import
+  # (docs/architecture.md): the backbone is built, the two branches known.
+  backbone = shapes(build.abstract_variables(build.build_backbone(config)),
+                    'backbone/')
+  features = backbone['params/backbone/b7/conv_branch2b2/kernel'][-1]
+  return {**backbone, **_rrm_branch_shapes(flat, features, num_classes)}
 
 
 def check_against_model(flat: Mapping[str, np.ndarray], layout: str,
@@ -335,15 +416,11 @@ def check_against_model(flat: Mapping[str, np.ndarray], layout: str,
   Returns {'inferred_model': {...}, 'not_produced': [model keys absent]};
   raises ConversionError on keys the model lacks or on shape mismatches.
   """
-  from wsss_jax.models import build   # pylint: disable=g-import-not-at-top
-  from wsss_jax.models import weights  # pylint: disable=g-import-not-at-top
   config, num_classes = infer_model_config(flat, layout, frozen_bn)
-  model = build.build_model(config, num_classes)
-  expected = weights.flatten_variables(build.abstract_variables(model))
+  expected = _model_shapes(flat, layout, config, num_classes)
   extra = sorted(set(flat) - set(expected))
-  mismatch = [(k, tuple(v.shape), tuple(expected[k].shape))
-              for k, v in flat.items()
-              if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+  mismatch = [(k, tuple(v.shape), expected[k]) for k, v in flat.items()
+              if k in expected and tuple(v.shape) != expected[k]]
   if extra or mismatch:
     raise ConversionError(
         f'converted arrays do not fit the inferred model: keys without a model '

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax import common_stages as cs
+from wsss_jax import config_checks
 from wsss_jax import segmentation
 from wsss_jax.crf import dense_crf as jax_crf
 from wsss_jax.crf import lattice
@@ -46,6 +47,7 @@ from wsss_jax.atomic import json_safe
 from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.host.crf import CrfParams
+from wsss_jax.methods.rrm import hparams
 from wsss_jax.methods.rrm import labels as labels_lib
 from wsss_jax.methods.rrm import model as rrm_model
 from wsss_jax.methods.rrm import objective
@@ -93,11 +95,13 @@ def classify_config(config):
 
 
 def second_step_config(config):
-  """The run config as the two-step variant's segmenter sees it: the
-  benchmark's segmentation recipe (`rrm.second_step_lr`, `_batch_size`,
-  `_steps`), the segmenter's head group, validated at the end only."""
+  """The run config as the two-step variant's segmenter sees it: its model
+  (`rrm.second_step_model`, a `config.model` section) and recipe
+  (`rrm.second_step_lr`, `_batch_size`, `_steps`), the segmenter's head
+  group, validated at the end only."""
   config = config.copy_and_resolve_references()
   cfg = config.rrm
+  config.model = cfg.second_step_model
   config.optim.lr = float(cfg.second_step_lr)
   config.optim.head_modules = ('head',)
   config.input.batch_size = int(cfg.second_step_batch_size)
@@ -118,25 +122,32 @@ def label_eval_config(config):
 
 
 def pipeline(rt: Runtime) -> MethodPipeline:
-  """The stages of `config.rrm.variant` (Table 2 rows)."""
+  """The stages of `config.rrm.variant` (Table 2 rows, Table 5)."""
+  rt = rt.with_config(hparams.apply_hparam_preset(rt.config))
   cfg = rt.config.rrm
   options = objective.RRMOptions.from_config(cfg)
   model = rrm_model.build_rrm_model(rt.config, rt.num_classes,
                                     rt.compute_dtype)
-  classify = cs.train_stage(
-      rt.with_config(classify_config(rt.config)), 'classify', model=model,
-      loss_fn=objective.classification_loss(),
-      num_steps=int(cfg.classify_steps), validate=False,
-      description='the classification network (image labels only)')
+  classify_steps = int(config_checks.number('rrm.classify_steps',
+                                            cfg.classify_steps, 0))
+  stages = []
+  if classify_steps:
+    stages.append(cs.train_stage(
+        rt.with_config(classify_config(rt.config)), 'classify', model=model,
+        loss_fn=objective.classification_loss(), num_steps=classify_steps,
+        validate=False,
+        description='the classification network (image labels only)'))
 
   def train_loss():
     capacity = (crf_capacity(rt, options.label_crf)
                 if options.label_source == 'rrm' else None)
     return objective.rrm_loss(options, rt.num_classes, rt.config.crf.backend,
                               capacity, int(rt.config.eval.crf_workers))
+  # Without a classify stage, training starts from model.init_weights (a
+  # converted res38_cls.pth, the official code's start).
   train = cs.train_stage(
       rt, 'train', model=model, loss_fn=_Deferred(train_loss),
-      init_stage='classify',
+      init_stage='classify' if classify_steps else None,
       description='one-step RRM: online reliable labels, CE + energy')
   # The in-step CRF's backend changes the labels the step trains on.
   train = dataclasses.replace(train, ignores=tuple(
@@ -157,8 +168,9 @@ def pipeline(rt: Runtime) -> MethodPipeline:
       rt, 'train', model=model, figures_fn=fig3,
       name='one_step_evaluate' if two_step else 'evaluate',
       description='segmentation branch on val')
-  stages = [classify, train, cam_quality, one_step_evaluate]
-  train_stages = ('classify', 'train')
+  stages += [train, cam_quality, one_step_evaluate]
+  train_stages = tuple(stage.name for stage in stages
+                       if stage.name in ('classify', 'train'))
   pseudo = None
   if two_step:
     stages += _second_step(rt, model)
