@@ -44,6 +44,10 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string(
       'override', [], 'field=value config overrides applied to every run.')
   flags.DEFINE_string('out', 'experiments/out', 'Output root.')
+  flags.DEFINE_list(
+      'previous', [], 'tables_*.json files of earlier runs of this script '
+      'whose rows join the tables (a row run now replaces the same row and '
+      'seed from them), e.g. Table 2 for a Table 1 sweep.')
 
 
 FLAGS = flags.FLAGS
@@ -74,11 +78,15 @@ def run_rows(seeds: Sequence[int], rows: Sequence[tuple[str, float | None]],
       config = sweep.sweep_config('configs/rrm.py', variant, seed,
                                   list(overrides) + extra)
       workdir = os.path.join(root, f'{_row_key(variant, ratio)}-seed{seed}')
+      # The default run's stages when it exists (earlier Table 2 runs), so
+      # every row of a seed starts from the same classifier.
       default_run = os.path.join(root, f'rrm-seed{seed}')
-      if variant == 'two_step' and os.path.isdir(default_run):
-        sweep.copy_shared_stages(default_run, workdir, ONE_STEP_STAGES)
-      elif donor is not None:
-        sweep.copy_shared_stages(donor, workdir, SHARED_STAGES)
+      if not os.path.isdir(default_run) or workdir == default_run:
+        default_run = donor
+      if default_run is not None:
+        sweep.copy_shared_stages(
+            default_run, workdir,
+            ONE_STEP_STAGES if variant == 'two_step' else SHARED_STAGES)
       results = run.train_and_evaluate(config, workdir)
       donor = donor or workdir
       labels = results['rrm'].get('reliable_labels', {})
@@ -95,6 +103,20 @@ def run_rows(seeds: Sequence[int], rows: Sequence[tuple[str, float | None]],
         out[-1]['label_miou'] = (results.get('pseudo') or {}).get('miou')
       print(json.dumps(out[-1]), flush=True)
   return out
+
+
+def merge_previous(rows: Sequence[dict[str, Any]], paths: Sequence[str]
+                   ) -> list[dict[str, Any]]:
+  """`rows` plus the rows of earlier outputs (`paths`) not run now."""
+  done = {(r['row'], r['seed']) for r in rows}
+  merged = list(rows)
+  for path in paths:
+    with open(path) as f:
+      for row in json.load(f)['rows']:
+        if (row['row'], row['seed']) not in done:
+          merged.append(row)
+          done.add((row['row'], row['seed']))
+  return merged
 
 
 def _values(rows, key):
@@ -141,9 +163,11 @@ def tables(rows: Sequence[dict[str, Any]], ratios: Sequence[float]
     return (f'| {name} | {paper} | ' + ' | '.join(
         f'{values[s]:.1f}' if s in values else '–' for s in seeds)
             + f' | {_cell(values)} |')
-  lines = ['**Table 2** (pseudo-masks × loss)', '', head, rule]
-  lines += [line(name, key, paper) for name, key, paper in TABLE2
+  lines = []
+  table2 = [line(name, key, paper) for name, key, paper in TABLE2
             if _values(rows, key)]
+  if table2:
+    lines += ['**Table 2** (pseudo-masks × loss)', '', head, rule] + table2
   swept = any(r['row'].startswith('ratio=') for r in rows)
   ratio_rows = [(f'ratio {r:g}', _row_key('rrm', r), TABLE1.get(r, '–'))
                 for r in ratios if swept and _values(rows, _row_key('rrm', r))]
@@ -195,7 +219,7 @@ def tables(rows: Sequence[dict[str, Any]], ratios: Sequence[float]
                  else 'mixed')
       lines.append(f"- {name}: {verdict} ({result['holds_in']} of "
                    f"{result['seeds']} seeds)")
-  return '\n'.join(lines), checks
+  return '\n'.join(lines).lstrip('\n'), checks
 
 
 def main(argv):
@@ -213,6 +237,7 @@ def main(argv):
     rows_to_run.append(('two_step', None))
   rows = run_rows([int(s) for s in FLAGS.seeds], rows_to_run,
                   FLAGS.override, root)
+  rows = merge_previous(rows, FLAGS.previous)
   table, checks = tables(rows, ratios)
   print(table)
   # One file per table selection: a Table 5 run keeps Table 2's file.

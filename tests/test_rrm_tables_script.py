@@ -56,3 +56,15 @@ def test_table5_compares_two_steps_with_their_one_step_network():
       table)
   assert checks['two-step > one-step']['per_seed'] == {0: True, 1: False}
   assert '- two-step > one-step: mixed (1 of 2 seeds)' in table
+
+
+def test_previous_rows_join_unless_run_again(tmp_path):
+  import json
+  path = tmp_path / 'tables_2.json'
+  path.write_text(json.dumps({'rows': _rows({('rrm', 0): 25.0,
+                                             ('ce_only', 0): 21.0})}))
+  rows = rrm_tables.merge_previous(_rows({('ratio=0.1', 0): 10.0,
+                                          ('ce_only', 0): 22.0}),
+                                   [str(path)])
+  assert sorted((r['row'], r['val_miou']) for r in rows) == [
+      ('ce_only', 22.0), ('ratio=0.1', 10.0), ('rrm', 25.0)]
