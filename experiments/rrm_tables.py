@@ -238,6 +238,8 @@ def main(argv):
   rows = run_rows([int(s) for s in FLAGS.seeds], rows_to_run,
                   FLAGS.override, root)
   rows = merge_previous(rows, FLAGS.previous)
+  if any(r['row'] == 'rrm' for r in rows) and '1' in FLAGS.tables:
+    ratios = sorted(set(ratios) | {DEFAULT_RATIO})   # the default run's row
   table, checks = tables(rows, ratios)
   print(table)
   # One file per table selection: a Table 5 run keeps Table 2's file.
