@@ -79,6 +79,14 @@ def test_run_config_round_trips_through_config_json(tmp_path):
   # Fields added after the run was made read as what the run computed.
   assert config.crf.backend == 'pydensecrf'
   assert config.train.ema_decay == 0.0
+  # A method's section is filled only in that method's configs.
+  assert 'rrm' not in config
+  (tmp_path / 'config.json').write_text(json.dumps({'rrm': {'gamma': 4.0}}))
+  assert config_io.load_run_config(str(tmp_path)).rrm.hparam_preset == 'paper'
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'eval': {'scales': [0.5, 1.0], 'crf': False, 'batch_size': 4,
+                'fusion': 'mean_probs', 'bucket_size': None}}))
+  config = config_io.load_run_config(str(tmp_path))
   config_io.apply_override(config, 'eval.crf=True')
   config_io.apply_override(config, 'eval.scales=[1, 1.5]')
   config_io.apply_override(config, 'eval.batch_size=8')

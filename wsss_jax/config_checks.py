@@ -24,7 +24,8 @@ RESUME_SAFE_FIELDS = ('eval.crf_workers', 'eval.worker_count', 'input.cache_mb',
 # the code did before them: a workdir whose config.json lacks one resumes
 # when the new config holds that value.
 NEUTRAL_WHEN_ABSENT = {'train.ema_decay': 0.0, 'optim.warmup_steps': 0,
-                       'crf.backend': 'pydensecrf'}
+                       'crf.backend': 'pydensecrf',
+                       'rrm.hparam_preset': 'paper'}
 
 
 # `config.crf.backend` values (`host.crf.get_backend` names).

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from wsss_jax import defaults
 from wsss_jax.config_checks import NEUTRAL_WHEN_ABSENT, ConfigError
 
 CONFIG_FILE = 'config.json'
@@ -51,8 +52,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, json.JSONDecodeError) as error:
     raise ConfigError(f'{path} is unreadable: {error}') from error
   config = _from_json(data)
+  shared = set(defaults.base_config('', '').keys())
   for field, value in NEUTRAL_WHEN_ABSENT.items():
     *sections, name = field.split('.')
+    if sections and sections[0] not in config and sections[0] not in shared:
+      continue                  # another method's section (e.g. 'rrm')
     node = config
     for section in sections:
       if section not in node:

@@ -100,11 +100,9 @@ def rrm_section(variant: str) -> ml_collections.ConfigDict:
       # benchmark's segmenter (config.model, from its own initialisation)
       # trains on them with the benchmark's segmentation recipe, that of
       # configs/supervised.py (Adam 3e-3, batch 16, 700 steps).
-      second_step_crf=True,
-      second_step_crf_params=defaults.crf_config(**TEST_CRF),
-      second_step_lr=3e-3,
-      second_step_batch_size=16,
-      second_step_steps=700,
+      second_step=ml_collections.ConfigDict(dict(
+          crf=True, crf_params=defaults.crf_config(**TEST_CRF),
+          lr=3e-3, batch_size=16, steps=700)),
       # Training hyper-parameters (methods/rrm/hparams.py): 'paper' keeps
       # this config's; 'official_cls_weight' / 'official_init' the released
       # code's two routes.
@@ -136,8 +134,8 @@ def get_config(arg=None):
                       cam_scales=(0.5, 1.0), cam_quality_images=4)
     config.eval.crf_params.iterations = 2
     config.rrm.label_crf.iterations = 2
-    config.rrm.second_step_crf_params.iterations = 2
-    config.rrm.update(second_step_steps=2, second_step_batch_size=4)
+    config.rrm.second_step.crf_params.iterations = 2
+    config.rrm.second_step.update(steps=2, batch_size=4)
   if preset == 'voc':
     _voc(config)
   if picked['switches'] == 'official_code':
@@ -150,9 +148,9 @@ def get_config(arg=None):
     if preset == 'voc':
       config.rrm.hparam_preset = 'official_cls_weight'
   config.optim.head_modules = ('classifier', 'head')
-  if 'second_step_model' not in config.rrm:
+  if 'model' not in config.rrm.second_step:
     # The benchmark's second step trains the benchmark's segmenter.
-    config.rrm.second_step_model = config.model.copy_and_resolve_references()
+    config.rrm.second_step.model = config.model.copy_and_resolve_references()
   return config
 
 
@@ -165,7 +163,7 @@ def _voc(config):
   lr 0.001, weight decay 5e-4, poly, 20,000 steps; the energy at the code's
   σ and weight; single-scale evaluation with the test CRF.  The two-step
   variant's second step is DeepLab-v2 ResNet-101 with its VOC recipe
-  (`model.init_weights` of `rrm.second_step_model`: a converted COCO- or
+  (`model.init_weights` of `rrm.second_step.model`: a converted COCO- or
   ImageNet-pretrained file, as the author's issue #9 describes)."""
   defaults.voc_preset(config)
   config.model = defaults.resnet38_model()
@@ -182,7 +180,7 @@ def _voc(config):
   config.eval.update(scales=(1.0,), flip=False, crf=True,
                      crf_params=defaults.crf_config(**TEST_CRF))
   second = defaults.voc_resnet_preset(defaults.base_config('rrm', 'rrm'))
-  config.rrm.second_step_model = second.model
-  config.rrm.update(second_step_lr=second.optim.lr,
-                    second_step_batch_size=second.input.batch_size,
-                    second_step_steps=second.train.num_steps)
+  config.rrm.second_step.model = second.model
+  config.rrm.second_step.update(lr=second.optim.lr,
+                                batch_size=second.input.batch_size,
+                                steps=second.train.num_steps)

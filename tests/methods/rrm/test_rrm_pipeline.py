@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss_jax import run
+from wsss_jax import prediction, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__)))))
@@ -64,6 +64,10 @@ def test_tiny_two_step_run_end_to_end(tmp_path):
   for name in os.listdir(folder):
     assert np.asarray(Image.open(folder / name)).max() < 255
   assert 0 <= results['pseudo']['miou'] <= 100
+  # Prediction (no dataset splits) loads either step's network.
+  for stage in (None, 'train'):
+    _, network, _ = prediction.load_run(str(tmp_path), stage)
+    assert network.stage == (stage or 'deeplab')
   # Fig. 3's rows in the report, every cell written.
   report = (tmp_path / 'report.md').read_text()
   assert '## Reliable labels (RRM Fig. 3)' in report

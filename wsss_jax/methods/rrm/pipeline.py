@@ -20,7 +20,7 @@ The two-step variant (`:two_step`, Table 5) names the last stage
                      split (single scale, the test CRF): the labels
     deeplab          the benchmark's segmenter (`config.model`) trained on
                      them from its own initialisation, with its own recipe
-                     (`rrm.second_step_*`)
+                     (`rrm.second_step`)
     evaluate         the segmenter, scored like the one-step network
 
 Paper first, the official code where the paper is silent (docs/rrm.md).
@@ -96,28 +96,28 @@ def classify_config(config):
 
 def second_step_config(config):
   """The run config as the two-step variant's segmenter sees it: its model
-  (`rrm.second_step_model`, a `config.model` section) and recipe
-  (`rrm.second_step_lr`, `_batch_size`, `_steps`), the segmenter's head
+  (`rrm.second_step.model`, a `config.model` section) and recipe
+  (`rrm.second_step.lr`, `.batch_size`, `.steps`), the segmenter's head
   group, validated at the end only."""
   config = config.copy_and_resolve_references()
-  cfg = config.rrm
-  config.model = cfg.second_step_model
-  config.optim.lr = float(cfg.second_step_lr)
+  second = config.rrm.second_step
+  config.model = second.model
+  config.optim.lr = float(second.lr)
   config.optim.head_modules = ('head',)
-  config.input.batch_size = int(cfg.second_step_batch_size)
-  config.train.update(num_steps=int(cfg.second_step_steps), eval_every=0)
+  config.input.batch_size = int(second.batch_size)
+  config.train.update(num_steps=int(second.steps), eval_every=0)
   return config
 
 
 def label_eval_config(config):
   """How the one-step network labels the training split for the second
   step: `config.eval` at one scale, without flip, with the CRF of
-  `rrm.second_step_crf` / `second_step_crf_params` (the fields the label
-  stage owns; it ignores `config.eval`)."""
+  `rrm.second_step.crf` / `.crf_params` (the fields the label stage owns; it
+  ignores `config.eval`)."""
   eval_config = config.eval.copy_and_resolve_references()
   eval_config.update(scales=(1.0,), flip=False,
-                     crf=bool(config.rrm.second_step_crf))
-  eval_config.crf_params = config.rrm.second_step_crf_params
+                     crf=bool(config.rrm.second_step.crf))
+  eval_config.crf_params = config.rrm.second_step.crf_params
   return eval_config
 
 
@@ -169,6 +169,9 @@ def pipeline(rt: Runtime) -> MethodPipeline:
       name='one_step_evaluate' if two_step else 'evaluate',
       description='segmentation branch on val')
   stages += [train, cam_quality, one_step_evaluate]
+  # The one-step stages do not read the second step's settings.
+  stages = [dataclasses.replace(stage, ignores=tuple(stage.ignores) + (
+      'rrm.second_step',)) for stage in stages]
   train_stages = tuple(stage.name for stage in stages
                        if stage.name in ('classify', 'train'))
   pseudo = None
@@ -177,14 +180,9 @@ def pipeline(rt: Runtime) -> MethodPipeline:
     train_stages += ('deeplab',)
     pseudo = PseudoLabels('one_step_labels',
                           cs.label_path('one_step_labels'))
-  epoch_steps = -(-len(rt.dataset.index(rt.train_split).image_ids)
-                  // int(rt.config.input.batch_size))
   return MethodPipeline(stages, eval_stage='evaluate',
                         train_stages=train_stages, pseudo=pseudo,
-                        extra_results=functools.partial(
-                            _extra_results, num_classes=rt.num_classes,
-                            class_names=tuple(rt.class_names),
-                            epoch_steps=epoch_steps))
+                        extra_results=functools.partial(_extra_results, rt))
 
 
 def _second_step(rt: Runtime, one_step_model) -> list:
@@ -294,8 +292,7 @@ def reliable_label_summary(history: list[dict[str, Any]], num_classes: int,
           'steps': [rows[0]['step'], end], 'per_class': per_class}
 
 
-def _extra_results(by_stage: dict[str, dict[str, Any]], *, num_classes: int,
-                   class_names: tuple[str, ...], epoch_steps: int
+def _extra_results(rt: Runtime, by_stage: dict[str, dict[str, Any]]
                    ) -> dict[str, Any]:
   """results.json['rrm']: the score without the test CRF, the CAM mIoU,
   the reliable labels' quality over the last training epoch and, in the
@@ -316,8 +313,12 @@ def _extra_results(by_stage: dict[str, dict[str, Any]], *, num_classes: int,
   if quality:
     out['cam_miou'] = quality['miou']
   history = (by_stage.get('train', {}).get('history') or {}).get('train', [])
-  summary = reliable_label_summary(history, num_classes, epoch_steps,
-                                   class_names)
+  # Read here, not when the pipeline is built: prediction builds it without
+  # the dataset's splits.
+  epoch_steps = -(-len(rt.dataset.index(rt.train_split).image_ids)
+                  // int(rt.config.input.batch_size))
+  summary = reliable_label_summary(history, rt.num_classes, epoch_steps,
+                                   tuple(rt.class_names))
   if summary:
     out['reliable_labels'] = summary
   return out
