@@ -238,8 +238,12 @@ def main(argv):
   rows = run_rows([int(s) for s in FLAGS.seeds], rows_to_run,
                   FLAGS.override, root)
   rows = merge_previous(rows, FLAGS.previous)
-  if any(r['row'] == 'rrm' for r in rows) and '1' in FLAGS.tables:
-    ratios = sorted(set(ratios) | {DEFAULT_RATIO})   # the default run's row
+  if '1' in FLAGS.tables:
+    # Every ratio with rows (earlier runs' too), and the default run's.
+    ratios = sorted(set(ratios) | {
+        float(r['row'][len('ratio='):]) for r in rows
+        if r['row'].startswith('ratio=')} | (
+            {DEFAULT_RATIO} if any(r['row'] == 'rrm' for r in rows) else set()))
   table, checks = tables(rows, ratios)
   print(table)
   # One file per table selection: a Table 5 run keeps Table 2's file.
