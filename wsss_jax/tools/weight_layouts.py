@@ -1,0 +1,122 @@
+"""Where each source name of a PyTorch checkpoint goes in wsss_jax's modules,
+one rule table per layout (`convert_weights --layout=...`).
+
+A rule maps a source module name (the key without its last `.leaf`) to a
+wsss_jax module path, or marks it as known but unused; the conversion of the
+arrays themselves (transposes, BN leaves, checks) is `convert_weights`'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Mapping
+
+LAYOUTS = ('torchvision_vgg16', 'deeplab_vgg16', 'lpg_vgg16',
+           'torchvision_resnet101', 'deeplab_resnet101', 'psa_resnet38')
+
+_VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2',
+              'conv3_3', 'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2',
+              'conv5_3')
+# Index of each conv in an nn.Sequential of conv/ReLU/pool layers (torchvision
+# and LPG agree up to conv5_3; LPG continues pool5, pool5a, fc6, ..., fc8).
+_SEQUENTIAL_VGG = dict(zip((0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
+                           ('backbone/' + name for name in _VGG_CONVS)))
+_LPG_VGG = {**_SEQUENTIAL_VGG, 32: 'backbone/fc6', 35: 'backbone/fc7',
+            38: 'head/classifier'}
+_MSRA_BRANCH = {'reduce': '1', 'conv3x3': '2', 'increase': '3',
+                'shortcut': 'shortcut', 'proj': 'shortcut'}
+# PSA's ResNet-38 blocks (module names kept, see wsss_jax.models.resnet38).
+_PSA_BLOCK = r'(b[2-7](?:_\d)?)'
+_PSA_CONVS = r'(conv_branch1|conv_branch2a|conv_branch2b1|conv_branch2b2)'
+_PSA_BNS = r'(bn_branch2a|bn_branch2b1|bn_branch2b2)'
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Maps a source module name (key without its last `.leaf`) to a target.
+
+  `target(match)` returns the wsss_jax module path or None (unrecognised);
+  kind 'conv', 'bn', or 'unused' (known to have no place in the model).
+  """
+  pattern: str
+  kind: str
+  target: Callable[[re.Match], str | None] = lambda m: None
+  reason: str = ''
+
+
+def _table(table: Mapping[int, str]) -> Callable[[re.Match], str | None]:
+  return lambda m: table.get(int(m.group(1)))
+
+
+def _msra_block(m: re.Match) -> str:
+  layer, block, branch, op = m.groups()
+  suffix = _MSRA_BRANCH[branch]
+  name = f'{suffix}_{op}' if suffix == 'shortcut' else f'{op}{suffix}'
+  return f'backbone/layer{int(layer) - 1}/block{block}/{name}'
+
+
+def _psa_block(m: re.Match) -> str | None:
+  from wsss_jax.models import resnet38  # pylint: disable=g-import-not-at-top
+  block, op = m.groups()
+  names = [spec[0] for spec in resnet38.RES_BLOCKS + resnet38.BOTTLENECK_BLOCKS]
+  return f'backbone/{block}/{op}' if block in names else None
+
+
+def _torchvision_block(m: re.Match) -> str:
+  layer, index, op, which = m.groups()
+  return f'backbone/layer{layer}/block{int(index) + 1}/{op}{which}'
+
+
+def _downsample(m: re.Match) -> str:
+  layer, index, part = m.groups()
+  name = 'shortcut_conv' if part == '0' else 'shortcut_bn'
+  return f'backbone/layer{layer}/block{int(index) + 1}/{name}'
+
+
+RULES = {
+    'torchvision_vgg16': (
+        Rule(r'features\.(\d+)', 'conv', _table(_SEQUENTIAL_VGG)),
+        Rule(r'classifier\.\d+', 'unused',
+              reason='ImageNet fully connected classifier, not in LargeFOV'),
+    ),
+    'deeplab_vgg16': (
+        Rule(r'(conv[1-5]_[1-3]|fc6|fc7)', 'conv',
+              lambda m: (f'backbone/{m.group(1)}'
+                         if m.group(1) in _VGG_CONVS + ('fc6', 'fc7') else None)),
+        Rule(r'fc8(?:_\w+)?', 'conv', lambda m: 'head/classifier'),
+    ),
+    'lpg_vgg16': (
+        Rule(r'features\.(\d+)', 'conv', _table(_LPG_VGG)),
+    ),
+    'torchvision_resnet101': (
+        Rule(r'conv1', 'conv', lambda m: 'backbone/conv1'),
+        Rule(r'bn1', 'bn', lambda m: 'backbone/bn1'),
+        Rule(r'layer([1-4])\.(\d+)\.(conv)([1-3])', 'conv', _torchvision_block),
+        Rule(r'layer([1-4])\.(\d+)\.(bn)([1-3])', 'bn', _torchvision_block),
+        Rule(r'layer([1-4])\.(\d+)\.downsample\.(0)', 'conv', _downsample),
+        Rule(r'layer([1-4])\.(\d+)\.downsample\.(1)', 'bn', _downsample),
+        Rule(r'fc', 'unused', reason='ImageNet classifier'),
+    ),
+    'deeplab_resnet101': (
+        Rule(r'layer1\.conv1\.conv', 'conv', lambda m: 'backbone/conv1'),
+        Rule(r'layer1\.conv1\.bn', 'bn', lambda m: 'backbone/bn1'),
+        Rule(r'layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut|proj)'
+              r'\.(conv)', 'conv', _msra_block),
+        Rule(r'layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut|proj)'
+              r'\.(bn)', 'bn', _msra_block),
+        Rule(r'aspp\.(?:stages\.)?c(\d)', 'conv',
+              lambda m: f'head/c{m.group(1)}'),
+        Rule(r'fc', 'unused', reason='ImageNet classifier'),
+    ),
+    'psa_resnet38': (
+        Rule(r'conv1a', 'conv', lambda m: 'backbone/conv1a'),
+        Rule(r'bn7', 'bn', lambda m: 'backbone/bn7'),
+        Rule(rf'{_PSA_BLOCK}\.{_PSA_CONVS}', 'conv', _psa_block),
+        Rule(rf'{_PSA_BLOCK}\.{_PSA_BNS}', 'bn', _psa_block),
+        Rule(r'fc8', 'conv', lambda m: 'classifier'),
+        Rule(r'fc8_seg_conv([12])', 'conv',
+              lambda m: f'head/conv{m.group(1)}'),
+        Rule(r'linear1000', 'unused', reason='ImageNet classifier'),
+    ),
+}
