@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 from typing import Any, Sequence
 
@@ -126,13 +125,7 @@ def _values(rows, key):
   return {r['seed']: r['val_miou'] for r in rows if r['row'] == key}
 
 
-def _cell(values: dict[int, float]) -> str:
-  if not values:
-    return '–'
-  mean = statistics.mean(values.values())
-  spread = (f' ± {statistics.stdev(values.values()):.1f}'
-            if len(values) > 1 else '')
-  return f'{mean:.1f}{spread}'
+_cell = sweep.mean_sd_cell
 
 
 def claim(rows, better: Sequence[str], worse: Sequence[str]) -> dict:

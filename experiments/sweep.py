@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 from typing import Any, Iterator, Sequence
 
 from wsss_jax import (config_checks, config_io, methods, pretraining, run,
@@ -94,6 +95,17 @@ def run_sweep(config_file: str, variants: Sequence[str], seeds: Sequence[int],
       results = run.train_and_evaluate(config, workdir)
       donor = donor or workdir
       yield variant, int(seed), results
+
+
+def mean_sd_cell(values: dict[int, float]) -> str:
+  """'mean ± s.d.' of {seed: value} for a table cell ('–' when empty; the
+  mean alone for one seed)."""
+  if not values:
+    return '–'
+  mean = statistics.mean(values.values())
+  spread = (f' ± {statistics.stdev(values.values()):.1f}'
+            if len(values) > 1 else '')
+  return f'{mean:.1f}{spread}'
 
 
 def write_outputs(root: str, name: str, table: str, payload: Any) -> None:

@@ -95,7 +95,7 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
                 label_folders: Mapping[str, str] | None = None, model=None,
                 init_stage: str | None = None, num_steps: int | None = None,
                 frozen_modules: tuple[str, ...] = (), validate: bool = True,
-                description: str = '') -> Stage:
+                transform=None, description: str = '') -> Stage:
   """Trains a network (`segmentation.train_segmenter`) into
   `<name>/model.npz`.
 
@@ -103,6 +103,8 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
     label_folders: {batch key: label folder relative to the workdir, e.g.
       `label_path('box_labels')`}, joined onto the training split.
     init_stage: start from that training stage's weights.
+    transform: a grain transform that replaces `config.input`'s
+      augmentation (a method's own sampler, e.g. PMM's multi-crop windows).
     Others: as `segmentation.train_segmenter`.
   """
   label_folders = dict(label_folders or {})
@@ -115,7 +117,7 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
         num_steps=num_steps, frozen_modules=frozen_modules,
         init_from=(os.path.join(context.workdir, model_path(init_stage))
                    if init_stage else None),
-        validate=validate)
+        validate=validate, transform=transform)
   # A raised train.num_steps continues from the last checkpoint; the poly
   # schedule is then that of the new length from the step it resumes at.
   return Stage(name, run, outputs=(segmentation.MODEL_FILE,),

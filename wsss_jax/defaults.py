@@ -165,6 +165,55 @@ def resnet38_model() -> ConfigDict:
   return config
 
 
+def scalenet101_model() -> ConfigDict:
+  """ScaleNet-101 (PMM's CAM backbone), output stride 8, no dilation,
+  frozen BN (`wsss_jax.models.scalenet`).
+
+  The ImageNet weights (`convert_weights --layout=scalenet101`) expect RGB
+  input with the ImageNet mean and std, hence `weights_source='torchvision'`.
+  The linear head has no bias, like PMM's (SEAM's) `fc8`.
+  """
+  config = largefov_model()
+  config.backbone = 'scalenet101'
+  config.dropout = 0.0                     # unused by ScaleNet
+  config.head_bias = False
+  config.output_stride = 8                 # 8 (PMM), 16 or 32 (ImageNet)
+  config.scalenet_blocks = (3, 4, 23, 3)   # blocks in layer1..layer4
+  config.scalenet_structure = ''           # '' = ScaleNet-101's allocation;
+                                           # else a structure .json path
+  config.scalenet_dilations = (1, 1, 1, 1)  # of the 3x3 branch convs
+  config.weights_source = 'torchvision'
+  return config
+
+
+def psp_model(base: ConfigDict) -> ConfigDict:
+  """PMM's FSSS network: PSPNet (PSP head + auxiliary FCN head) on `base`'s
+  backbone (docs/pmm.md).
+
+  A resolved copy of the model section `base` (e.g. `resnet38_model()`) with
+  head='psp', so that `models.build.build_model` returns a
+  `models.pspnet.PSPNet`: PSP head of `psp_channels` with pool scales
+  `psp_pool_scales`, aux FCN head of `psp_aux_channels` on the backbone level
+  `psp_aux_level`, Dropout2d `psp_dropout` in both heads; `dont_load` gains
+  the aux head so a backbone weight file leaves it at its initial values.
+  `head_bias`, `aspp_*` and `cosine_temperature` are unused by this head.
+  """
+  config = base.copy_and_resolve_references()
+  with config.unlocked():
+    config.head = 'psp'
+    config.psp_channels = 512
+    config.psp_pool_scales = (1, 2, 3, 6)
+    config.psp_aux_level = 'c4'
+    config.psp_aux_channels = 256
+    config.psp_dropout = 0.1
+    # The aux head is new too: an ImageNet backbone file has no entry for it.
+    aux_pattern = '(params|batch_stats)/aux_head/.*'
+    dont_load = tuple(config.get('dont_load', ()))
+    if aux_pattern not in dont_load:
+      config.dont_load = dont_load + (aux_pattern,)
+  return config
+
+
 # ----------------------------------------------------------------------------
 # Optimisation, training, evaluation
 # ----------------------------------------------------------------------------

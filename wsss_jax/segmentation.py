@@ -200,12 +200,14 @@ def cross_entropy_on(label_key: str) -> step_lib.LossFn:
 
 
 def training_batches(rt: Runtime,
-                     label_folders: Mapping[str, str] | None = None
-                     ) -> Iterator[dict[str, Any]]:
+                     label_folders: Mapping[str, str] | None = None,
+                     transform=None) -> Iterator[dict[str, Any]]:
   """The training stages' batches (`config.input`, `config.seed`): the
   training split with `label_folders` ({batch key: PNG folder}) joined on,
   augmented, cropped and batched; an endless host iterator (checkpointable
-  by the training loop)."""
+  by the training loop).  `transform` (a grain transform with the
+  `transforms.finalize` layout, e.g. a method's own sampler) replaces
+  `TrainTransform.from_config(config.input, ...)` when given."""
   config = rt.config
   label_folders = dict(label_folders or {})
   index = rt.dataset.index(rt.train_split)
@@ -213,9 +215,10 @@ def training_batches(rt: Runtime,
       pipeline.with_label_folders(rt.dataset.source(rt.train_split),
                                   label_folders, index.image_ids),
       config.input.get('cache_mb', 0))
-  transform = pipeline.TrainTransform.from_config(
-      config.input, num_foreground=rt.num_classes - 1,
-      image_pad_value=rt.pad_color, label_keys=tuple(label_folders))
+  if transform is None:
+    transform = pipeline.TrainTransform.from_config(
+        config.input, num_foreground=rt.num_classes - 1,
+        image_pad_value=rt.pad_color, label_keys=tuple(label_folders))
   return iter(pipeline.train_loader(source, transform,
                                     config.input.batch_size, config.seed,
                                     config.input.worker_count))
@@ -227,7 +230,8 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
                     num_steps: int | None = None,
                     init_from: str | None = None,
                     frozen_modules: tuple[str, ...] = (),
-                    validate: bool = True) -> dict[str, Any]:
+                    validate: bool = True,
+                    transform=None) -> dict[str, Any]:
   """Trains (or resumes) a segmentation network; writes `<stage_dir>/model.npz`.
 
   Args:
@@ -244,6 +248,8 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
     frozen_modules: top-level modules that receive no update.
     validate: score the val split periodically and at the end (off for
       stages whose 'logits' are not trained, e.g. Box2Seg's phase 1).
+    transform: the training sampler (see `training_batches`); None:
+      `TrainTransform.from_config(config.input, ...)`.
   Returns:
     The training summary (steps, throughput, history, initialisation).
   """
@@ -285,7 +291,7 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       abstract_state=lambda: state_lib.abstract_train_state(
           model, make_tx, rng, image_shape, rt.mesh,
           ema_decay=config.train.ema_decay),
-      make_data_iter=lambda: training_batches(rt, label_folders),
+      make_data_iter=lambda: training_batches(rt, label_folders, transform),
       train_step=step_lib.make_train_step(model, loss_fn, rt.normalization,
                                           rt.mesh, rt.compute_dtype),
       mesh=rt.mesh, num_steps=num_steps, log_every=config.train.log_every,

@@ -10,7 +10,12 @@ Fields read (see `defaults.largefov_model` / `resnet101_model` /
 head_bias, aspp_rates, aspp_dim, frozen_bn, and for ResNet resnet_blocks,
 resnet_stride_in_1x1, resnet_stem_ceil_mode, output_stride (defaults used when
 a config lacks them; ResNet-38 reads only width, frozen_bn and output_stride,
-which must be 8).
+which must be 8).  head='psp' (`defaults.psp_model`) makes `build_model`
+return a whole `pspnet.PSPNet` and reads psp_channels, psp_pool_scales,
+psp_aux_level, psp_aux_channels and psp_dropout.  ScaleNet
+(`defaults.scalenet101_model`) reads width, frozen_bn, output_stride,
+scalenet_blocks, scalenet_structure ('' = ScaleNet-101's, else a .json path)
+and scalenet_dilations.
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ import numpy as np
 
 from wsss_jax.models import heads
 from wsss_jax.models import layers
+from wsss_jax.models import pspnet
 from wsss_jax.models import resnet
 from wsss_jax.models import resnet38
+from wsss_jax.models import scalenet
 from wsss_jax.models import segmenter
 from wsss_jax.models import vgg
 
-BACKBONES = ('vgg16_largefov', 'resnet101_deeplab', 'resnet38_psa')
-HEADS = ('linear', 'aspp_v2', 'cosine', 'dot')
+BACKBONES = ('vgg16_largefov', 'resnet101_deeplab', 'resnet38_psa',
+             'scalenet101')
+HEADS = ('linear', 'aspp_v2', 'cosine', 'dot', 'psp')
 
 _RESNET_DEFAULTS = dict(resnet_blocks=(3, 4, 23, 3), resnet_stride_in_1x1=True,
                         resnet_stem_ceil_mode=True, output_stride=8)
@@ -88,6 +96,18 @@ def build_backbone(model_config: Mapping[str, Any],
     return resnet38.ResNet38(width=width,
                              frozen_bn=bool(_field(model_config, 'frozen_bn')),
                              dtype=dtype)
+  if name == 'scalenet101':
+    return scalenet.ScaleNet(
+        structure=scalenet.resolve_structure(
+            model_config.get('scalenet_structure', '')),
+        blocks=tuple(int(b) for b in model_config.get(
+            'scalenet_blocks', scalenet.SCALENET101_BLOCKS)),
+        width=width,
+        output_stride=int(_field(model_config, 'output_stride')),
+        dilations=tuple(int(d) for d in model_config.get(
+            'scalenet_dilations', (1, 1, 1, 1))),
+        frozen_bn=bool(_field(model_config, 'frozen_bn')),
+        dtype=dtype)
   raise ValueError(f'model.backbone={name!r} is unknown; choose one of '
                    f'{BACKBONES}')
 
@@ -99,6 +119,9 @@ def build_head(model_config: Mapping[str, Any], num_classes: int,
   if int(num_classes) < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   name = _field(model_config, 'head')
+  if name == 'psp':
+    raise ValueError("model.head='psp' is a whole network (PSP head + "
+                     "auxiliary FCN head); use build_model")
   use_bias = bool(_field(model_config, 'head_bias'))
   if name == 'linear':
     return heads.LinearHead(num_classes=int(num_classes), use_bias=use_bias,
@@ -126,6 +149,9 @@ def build_model(model_config: Mapping[str, Any], num_classes: int,
                 dtype: Any = jnp.float32) -> nn.Module:
   """A `Segmenter` with top-level parameter entries `backbone` and `head`.
 
+  With `model_config.head == 'psp'` a `pspnet.PSPNet` instead (entries
+  `backbone`, `head`, `aux_head`; outputs add 'aux_logits').
+
   Args:
     model_config: a `wsss_jax.defaults` model section (ConfigDict or dict).
     num_classes: classifier outputs (background included).
@@ -136,6 +162,19 @@ def build_model(model_config: Mapping[str, Any], num_classes: int,
     An unbound module; `apply(variables, images, train=...)` returns
     {'logits', 'features'[, 'levels']} (see `segmenter.Segmenter`).
   """
+  if _field(model_config, 'head') == 'psp':
+    if int(num_classes) < 1:
+      raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+    return pspnet.PSPNet(
+        backbone=build_backbone(model_config, dtype),
+        num_classes=int(num_classes),
+        channels=int(model_config.get('psp_channels', 512)),
+        pool_scales=tuple(int(s) for s in
+                          model_config.get('psp_pool_scales', (1, 2, 3, 6))),
+        aux_level=str(model_config.get('psp_aux_level', 'c4')),
+        aux_channels=int(model_config.get('psp_aux_channels', 256)),
+        dropout=float(model_config.get('psp_dropout', 0.1)),
+        dtype=compute_dtype(dtype))
   return segmenter.Segmenter(
       backbone=build_backbone(model_config, dtype),
       head=build_head(model_config, num_classes, dtype))
@@ -148,6 +187,8 @@ def feature_size(model_config: Mapping[str, Any], size: int) -> int:
   ResNet-38: three stride-2 blocks (3x3/2/1 conv), each n -> ceil(n / 2).
   ResNet: 7x7/2 stem conv (n -> ceil(n / 2)), 3/2/1 stem max-pool (ceil or
   floor mode), then one n -> ceil(n / 2) per stride-2 stage.
+  ScaleNet: the same stem (floor-mode pool), then one n -> floor(n / 2)
+  (a 2/2 max-pool) per stride-2 stage (448 -> 56 at output stride 8).
   """
   name = _field(model_config, 'backbone')
   halve = lambda n: -(-n // 2)
@@ -162,6 +203,15 @@ def feature_size(model_config: Mapping[str, Any], size: int) -> int:
     for stride in strides:
       if stride == 2:
         size = halve(size)
+    return size
+  if name == 'scalenet101':
+    size = layers.pool_output_size(halve(size), 3, 2, 1, False)
+    output_stride = int(_field(model_config, 'output_stride'))
+    if output_stride not in scalenet.STAGE_STRIDES:
+      raise ValueError(f'model.output_stride must be one of '
+                       f'{sorted(scalenet.STAGE_STRIDES)}, got {output_stride}')
+    for stride in scalenet.STAGE_STRIDES[output_stride]:
+      size //= stride
     return size
   raise ValueError(f'model.backbone={name!r} is unknown; choose one of '
                    f'{BACKBONES}')

@@ -27,6 +27,10 @@ Layouts (source names -> wsss_jax modules, rule tables in `weight_layouts`):
                           -> the same names under backbone/; RRM's fc8 ->
                           classifier, fc8_seg_conv{1,2} -> head/conv{1,2}
                           (the parameter tree of wsss_jax.methods.rrm).
+  scalenet101             ScaleNet-101's ImageNet file (PMM's CAM backbone):
+                          conv1, bn1, layerL.i.{conv1,bn1,conv2.j,bn2.j,conv3,
+                          bn3,downsample.{0,1}} -> backbone/layerL/block<i+1>/
+                          {conv1,bn1,conv2_j,bn2_j,conv3,bn3,shortcut_*}.
 
 Conversions: conv weight OIHW -> kernel HWIO (a 2-D [out, in] weight becomes a
 1x1 kernel), BN weight/bias/running_mean/running_var -> scale/bias/mean/var;
@@ -206,6 +210,18 @@ def _flip_first_conv(out: dict) -> bool:
   return True
 
 
+def _block_counts(flat: Mapping[str, np.ndarray]) -> list[int]:
+  """Blocks per stage layer1..layer4 of a converted ResNet-like backbone."""
+  blocks = []
+  for layer in range(1, 5):
+    found = [int(m.group(1)) for k in flat
+             if (m := re.match(rf'params/backbone/layer{layer}/block(\d+)/', k))]
+    if not found:
+      raise ConversionError(f'no blocks found for stage layer{layer}')
+    blocks.append(max(found))
+  return blocks
+
+
 def infer_model_config(flat: Mapping[str, np.ndarray], layout: str,
                        frozen_bn: bool = True):
   """The wsss_jax model config whose variables the converted arrays describe.
@@ -227,6 +243,14 @@ def infer_model_config(flat: Mapping[str, np.ndarray], layout: str,
     if num_classes == 1:
       num_classes = out_channels('params/head/conv2/kernel', 21)
     head_key = None
+  elif layout == 'scalenet101':
+    config = defaults.scalenet101_model()
+    config.frozen_bn = frozen_bn
+    stem = 'params/backbone/conv1/kernel'
+    config.scalenet_blocks = tuple(_block_counts(flat))
+    # The ImageNet file holds no segmentation head.
+    num_classes = 21
+    head_key = None
   elif layout.endswith('vgg16'):
     config = defaults.largefov_model()
     stem = 'params/backbone/conv1_1/kernel'
@@ -241,14 +265,7 @@ def infer_model_config(flat: Mapping[str, np.ndarray], layout: str,
     config.resnet_stride_in_1x1 = not torchvision
     config.resnet_stem_ceil_mode = not torchvision
     config.frozen_bn = frozen_bn
-    blocks = []
-    for layer in range(1, 5):
-      found = [int(m.group(1)) for k in flat
-               if (m := re.match(rf'params/backbone/layer{layer}/block(\d+)/', k))]
-      if not found:
-        raise ConversionError(f'no blocks found for stage layer{layer}')
-      blocks.append(max(found))
-    config.resnet_blocks = tuple(blocks)
+    config.resnet_blocks = tuple(_block_counts(flat))
     branches = sorted({int(m.group(1)) for k in flat
                        if (m := re.match(r'params/head/c(\d)/', k))})
     if branches:

@@ -13,7 +13,8 @@ import re
 from typing import Callable, Mapping
 
 LAYOUTS = ('torchvision_vgg16', 'deeplab_vgg16', 'lpg_vgg16',
-           'torchvision_resnet101', 'deeplab_resnet101', 'psa_resnet38')
+           'torchvision_resnet101', 'deeplab_resnet101', 'psa_resnet38',
+           'scalenet101')
 
 _VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2',
               'conv3_3', 'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2',
@@ -68,6 +69,12 @@ def _torchvision_block(m: re.Match) -> str:
   return f'backbone/layer{layer}/block{int(index) + 1}/{op}{which}'
 
 
+def _scale_branch(m: re.Match) -> str:
+  """ScaleNet's branch i conv/BN (`conv2.i`, `bn2.i`) -> `conv2_i`/`bn2_i`."""
+  layer, index, op, branch = m.groups()
+  return f'backbone/layer{layer}/block{int(index) + 1}/{op}2_{branch}'
+
+
 def _downsample(m: re.Match) -> str:
   layer, index, part = m.groups()
   name = 'shortcut_conv' if part == '0' else 'shortcut_bn'
@@ -118,5 +125,18 @@ RULES = {
         Rule(r'fc8_seg_conv([12])', 'conv',
               lambda m: f'head/conv{m.group(1)}'),
         Rule(r'linear1000', 'unused', reason='ImageNet classifier'),
+    ),
+    # ScaleNet's ImageNet `scalenet101.pth` (wsss_jax.models.scalenet): a
+    # torchvision-like stem and blocks; branch i of a block is conv2.i/bn2.i.
+    'scalenet101': (
+        Rule(r'conv1', 'conv', lambda m: 'backbone/conv1'),
+        Rule(r'bn1', 'bn', lambda m: 'backbone/bn1'),
+        Rule(r'layer([1-4])\.(\d+)\.(conv)([13])', 'conv', _torchvision_block),
+        Rule(r'layer([1-4])\.(\d+)\.(bn)([13])', 'bn', _torchvision_block),
+        Rule(r'layer([1-4])\.(\d+)\.(conv)2\.([0-3])', 'conv', _scale_branch),
+        Rule(r'layer([1-4])\.(\d+)\.(bn)2\.([0-3])', 'bn', _scale_branch),
+        Rule(r'layer([1-4])\.(\d+)\.downsample\.(0)', 'conv', _downsample),
+        Rule(r'layer([1-4])\.(\d+)\.downsample\.(1)', 'bn', _downsample),
+        Rule(r'fc', 'unused', reason='ImageNet classifier'),
     ),
 }

@@ -1,0 +1,1 @@
+"""PMM (Li et al., ICCV 2021): pseudo-mask matters."""
