@@ -49,3 +49,16 @@ def test_tables_and_claims_seed_by_seed():
   assert '| PPMG | 61.49 | 24.0 | 24.0 | 24.0 ± 0.0 |' in table
   assert '| 1 cycle | 68.50 | 33.0 | 30.0 | 31.5 ± 2.1 |' in table
   assert '| Table 5: cycles=1 > cycles=0 | 1/2 | +3.0, -1.0 |' in table
+
+
+def test_foreground_stats_by_hand():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import pmm_mask_stats  # pylint: disable=g-import-not-at-top
+  truth = np.array([[0, 1, 1, 255]], np.uint8)
+  label = np.array([[2, 1, 0, 2]], np.uint8)   # last pixel ignored
+  stats = pmm_mask_stats.foreground_stats([label], [truth])
+  # 3 counted pixels: label fg 2 (pixels 0, 1), truth fg 2 (pixels 1, 2),
+  # both fg 1 (pixel 1), right class 1 (pixel 1).
+  assert abs(stats['foreground_share'] - 200 / 3) < 1e-9
+  assert stats['precision'] == 50.0 and stats['recall'] == 50.0
+  assert stats['right_class'] == 50.0

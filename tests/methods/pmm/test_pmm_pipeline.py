@@ -124,6 +124,10 @@ def test_label_stages_do_not_rerun_for_a_pus_variant():
       assert any(field == f or field.startswith(f + '.')
                  for f in stages[name].ignores), (name, field)
   assert 'pmm.pus_mode' not in stages['round1/fsss'].ignores
+  # Table 5: a different cycle count reuses the rounds it shares.
+  assert 'pmm.cycles' in stages['round1/fsss'].ignores
+  assert 'pmm.relabel' in stages['round1/evaluate'].ignores
+  assert 'pmm.relabel' not in stages['round2/relabel'].ignores
 
 
 def _pipeline(config):

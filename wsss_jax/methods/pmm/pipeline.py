@@ -159,7 +159,10 @@ def pipeline(rt: Runtime) -> MethodPipeline:
         cs.evaluate_stage(rt, name('fsss'), name=name('evaluate'),
                           figures_fn=functools.partial(_round_figures, rt, k),
                           description='the segmenter on val')]
-    return [_with_ignores(stage, CAM_FIELDS) for stage in round_stages]
+    # A round does not depend on how many follow it; the first does not
+    # relabel.
+    own = CAM_FIELDS + ('pmm.cycles',) + (('pmm.relabel',) if k == 1 else ())
+    return [_with_ignores(stage, own) for stage in round_stages]
 
   round_count = options.cycles + 1
   stages += rounds(round_count, build_round)
