@@ -9,6 +9,8 @@ and cyclic pseudo-masks.
   python -m wsss_jax.main --config=configs/pmm.py --config.pmm.cycles=0
   python -m wsss_jax.main --config=configs/pmm.py:official_code
   python -m wsss_jax.main --config=configs/pmm.py:tiny
+  python -m wsss_jax.main --config=configs/pmm.py \
+      --config.pmm.multicrop_train=True    # with multi-crop training
 
 `arg` is a comma-separated list of at most one PUS variant (pus_clamp
 (default), pus_pow, pus_ignore, pus_none), at most one preset (tiny) and
@@ -78,7 +80,12 @@ def pmm_section(variant: str) -> ml_collections.ConfigDict:
       base_crf=defaults.crf_config(**BASE_CRF),
       base_prob_threshold=0.9,         # code: crop labels from prob > 0.9
       # --- Multi-crop training and test (Sec. 3.5, 4.1) -----------------
-      multicrop_train=True,
+      # Multi-crop training needs the base mask and a second classifier
+      # (2x supervised's wall time here) and, on seed 0, lowered the CAM
+      # mIoU from 21.6 to 16.5: its crop labels come from a base mask of
+      # 17.7 mIoU (docs/pmm.md).  The benchmark's default leaves it out;
+      # True runs the paper's pipeline.
+      multicrop_train=False,
       multicrop_steps=150,
       # The paper's scales are 0.75..3 (step 0.25); the benchmark keeps two
       # of them, without flips (the CAM of every training image costs one
@@ -121,9 +128,11 @@ def pmm_section(variant: str) -> ml_collections.ConfigDict:
       # --- Cyclic pseudo-masks (Sec. 3.5) -------------------------------
       cycles=1,
       cyclic_checkpoint='final',
-      # The code: 6 scales x flip, sliding window; the benchmark: one pass.
+      # The code: 6 scales x flip, sliding window, the test CRF; the
+      # benchmark: one pass without the CRF (it moves val mIoU by < 0.4
+      # here and costs 0.6x supervised's wall time on 2,000 images).
       relabel=ml_collections.ConfigDict(dict(
-          scales=(1.0,), flip=False, crf=True,
+          scales=(1.0,), flip=False, crf=False,
           crf_params=defaults.crf_config(**TEST_CRF))),
   ))
 
@@ -140,15 +149,17 @@ def get_config(arg=None):
   # would dwarf it.
   config.model.update(psp_channels=64, psp_aux_channels=32)
   config.optim.head_modules = ('head', 'aux_head')
-  # Budget (<= 4.3x supervised's wall time): two classifiers, two label
-  # stages, a relabelling and two segmenters (experiments/RESULTS.md §14).
+  # Budget (<= 4.3x supervised's wall time): a classifier, the label
+  # stage, a relabelling and two segmenters (experiments/RESULTS.md §14).
   config.train.update(num_steps=300, eval_every=0)
   config.eval.update(crf=True, crf_params=defaults.crf_config(**TEST_CRF))
   if preset == 'tiny':
     defaults.tiny_preset(config)
     config.model.update(psp_channels=8, psp_aux_channels=4)
     config.pmm.cam_model.update(width=0.0625, fc_dim=16)
-    config.pmm.update(classify_steps=2, classify_batch_size=4,
+    # The whole pipeline, multi-crop training included, in seconds.
+    config.pmm.update(multicrop_train=True, classify_steps=2,
+                      classify_batch_size=4,
                       multicrop_steps=2, base_scales=(1.0,),
                       multicrop_scales=(1.0, 1.5), multicrop_window=24,
                       multicrop_stride=16, compare_images=4,

@@ -158,6 +158,7 @@ def test_tiny_run_end_to_end(tmp_path):
   pmm = results['pmm']
   assert 0 <= pmm['cam_miou'] <= 100
   assert pmm['cam_threshold'] in load_config('tiny').pmm.cam_thresholds
+  assert 0 <= pmm['cam_empty_pct'] <= 100
   assert set(pmm['pseudo_masks']) >= {'crf', 'crf_cvs', 'ppmg_no_cvs',
                                       'ppmg'}
   for name in ('crf', 'crf_cvs', 'ppmg_no_cvs', 'ppmg'):

@@ -201,6 +201,10 @@ def pseudo_masks(item: Mapping[str, Any], options: HostOptions,
   out[PPMG_NO_CVS] = ppmg(use_cvs=False)
   counts = _cam_counts(cam, present, np.asarray(item[schema.MASK]),
                        options.thresholds)
+  # Classes the image carries whose CAM is 0 everywhere: the classifier did
+  # not recognise them in any window, so no post-processing can find them.
+  counts['present_classes'] = int(np.sum(present))
+  counts['empty_cams'] = int(np.sum(present & (cam.max(axis=(0, 1)) <= 0)))
   return out, counts
 
 

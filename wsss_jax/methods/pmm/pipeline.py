@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -251,6 +252,10 @@ def _pseudo_masks(rt: Runtime, model, options: objective.PMMOptions,
   first = generate.multicrop_cam_pass(model, rt.normalization, options)
   compared, labelled = {}, {}
   if mesh_lib.is_primary():
+    # The CAM sweep and the empty-CAM share are counted while the compared
+    # images' maps are made: a resumed stage makes all of them again (one
+    # folder emptied is enough, the engine skips only complete images).
+    shutil.rmtree(folders[generate.CRF].root, ignore_errors=True)
     # The compared images first: their PPMG maps are reused by the full
     # pass, which skips images whose PNG exists.
     compared = engine.run(
@@ -279,6 +284,9 @@ def _pseudo_masks(rt: Runtime, model, options: objective.PMMOptions,
       rt, folders[generate.PPMG].root)
   generation = {key: value for key, value in labelled.items()
                 if key in engine.RUN_KEYS}
+  if compared.get('present_classes'):
+    sweep['empty_pct'] = (100.0 * compared.get('empty_cams', 0)
+                          / compared['present_classes'])
   out = {'generation': json_safe(generation), 'compared_images': count,
          'cam': sweep, 'quality': json_safe(quality)}
   if table:
@@ -320,6 +328,8 @@ def _extra_results(options: objective.PMMOptions, round_count: int,
     out['cam_miou'] = labels['cam']['miou']
     out['cam_threshold'] = labels['cam']['threshold']
     out['cam_curve'] = labels['cam']['curve']
+    if 'empty_pct' in labels['cam']:
+      out['cam_empty_pct'] = labels['cam']['empty_pct']
   quality = labels.get('quality') or {}
   if quality:
     out['pseudo_masks'] = {name: quality[name]['miou']

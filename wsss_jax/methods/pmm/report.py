@@ -107,6 +107,10 @@ def report_section(results: Mapping[str, Any]) -> list[str]:
     lines += ['CAM mIoU by background threshold τ: ' + ', '.join(
         f"{row['threshold']:.2f}: {_number(row['miou'])}" for row in curve)
               + '.', '']
+  if pmm.get('cam_empty_pct') is not None:
+    lines += [f"{_number(pmm['cam_empty_pct'])} % of the (image, class) "
+              'pairs of those images have a CAM that is 0 everywhere: the '
+              'classifier found the class in no window.', '']
   base = pmm.get('base_mask')
   if base:
     lines += [f"Base mask (multi-crop training's crop labels): mIoU "
