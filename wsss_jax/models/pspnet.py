@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsss_jax.models import layers
+from wsss_jax.models import upernet
 from wsss_jax.models import segmenter
 from wsss_jax.ops.resize import resize_bilinear
 
@@ -88,30 +89,11 @@ def adaptive_avg_pool2d(x: jax.Array, size: int) -> jax.Array:
   return pooled.astype(x.dtype)
 
 
-class ConvBNReLU(nn.Module):
-  """k×k conv (padding k // 2, no bias) + trained BatchNorm + ReLU.
-
-  MMSegmentation's ConvModule with SyncBN: kernel He normal (fan_out), BN
-  statistics over the whole (global) batch under jit.
-
-  Attributes:
-    features: output channels.
-    kernel: square kernel side (1 or 3 here).
-    dtype: computation dtype; parameters are float32.
-  """
-  features: int
-  kernel: int = 3
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """(B, H, W, C) -> (B, H, W, features) in `dtype`."""
-    x = layers.conv2d(self.features, self.kernel, padding=self.kernel // 2,
-                      use_bias=False, dtype=self.dtype,
-                      kernel_init=layers.HE_NORMAL_FAN_OUT, name='conv')(
-                          x.astype(self.dtype))
-    x = layers.batch_norm(False, train, self.dtype, name='bn')(x)
-    return nn.relu(x)
+def _conv_bn_relu(features: int, kernel: int, dtype: layers.Dtype, *,
+                  name: str) -> nn.Module:
+  """`upernet.ConvBNReLU` with mmseg's He normal (fan_out) kernels."""
+  return upernet.ConvBNReLU(features, kernel, dtype,
+                            kernel_init=layers.HE_NORMAL_FAN_OUT, name=name)
 
 
 def _classifier(num_classes: int, dtype: layers.Dtype) -> nn.Module:
@@ -149,10 +131,10 @@ class PSPHead(nn.Module):
     branches = [features]
     for scale in self.pool_scales:
       pooled = adaptive_avg_pool2d(features, int(scale))
-      pooled = ConvBNReLU(self.channels, 1, self.dtype,
+      pooled = _conv_bn_relu(self.channels, 1, self.dtype,
                           name=f'ppm_{int(scale)}')(pooled, train)
       branches.append(resize_bilinear(pooled, size, align_corners=False))
-    bottleneck = ConvBNReLU(self.channels, 3, self.dtype, name='bottleneck')(
+    bottleneck = _conv_bn_relu(self.channels, 3, self.dtype, name='bottleneck')(
         jnp.concatenate(branches, axis=-1), train)
     x = layers.channel_dropout(self.dropout, train, name='dropout')(bottleneck)
     return {'logits': _classifier(self.num_classes, self.dtype)(x),
@@ -162,7 +144,7 @@ class PSPHead(nn.Module):
 class FCNHead(nn.Module):
   """MMSegmentation's FCNHead with one conv and no input concatenation.
 
-  Submodules: `conv` (ConvBNReLU 3x3), `dropout`, `classifier`.
+  Submodules: `conv` (conv-BN-ReLU 3x3), `dropout`, `classifier`.
 
   Attributes:
     num_classes: classifier outputs.
@@ -178,7 +160,7 @@ class FCNHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict:
     """(B, h', w', C) -> {'logits': (B, h', w', num_classes)} in `dtype`."""
-    x = ConvBNReLU(self.channels, 3, self.dtype, name='conv')(x, train)
+    x = _conv_bn_relu(self.channels, 3, self.dtype, name='conv')(x, train)
     x = layers.channel_dropout(self.dropout, train, name='dropout')(x)
     return {'logits': _classifier(self.num_classes, self.dtype)(x)}
 

@@ -36,15 +36,21 @@ def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
 
 
 class ConvBNReLU(nn.Module):
-  """k×k conv (no bias) + trained BatchNorm + ReLU."""
+  """k×k conv (padding k // 2, no bias) + trained BatchNorm + ReLU
+  (MMSegmentation's ConvModule; under jit the BN statistics span the global
+  batch, as its SyncBN's).  `kernel_init`: the conv's initialiser (PSPNet
+  uses mmseg's He normal, fan_out)."""
   features: int
   kernel: int = 3
   dtype: layers.Dtype = jnp.float32
+  kernel_init: layers.Initializer = layers.HE_NORMAL_FAN_IN
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = layers.conv2d(self.features, self.kernel, padding=self.kernel // 2,
-                      use_bias=False, dtype=self.dtype, name='conv')(x)
+                      use_bias=False, dtype=self.dtype,
+                      kernel_init=self.kernel_init, name='conv')(
+                          x.astype(self.dtype))
     x = layers.batch_norm(False, train, self.dtype, name='bn')(x)
     return nn.relu(x)
 

@@ -12,6 +12,7 @@ import pytest
 from wsss_jax.data import schema
 from wsss_jax.data import transforms
 from wsss_jax.methods.pmm import multicrop as mc
+from wsss_jax.methods.pmm import multicrop_sampler as sampler
 
 IGNORE = schema.IGNORE_LABEL
 BASE = 'base'
@@ -312,7 +313,7 @@ def _rule_base_map():
 
 
 def test_crop_label_rule_by_hand():
-  labels = mc.crop_label_rule(_rule_base_map(), (0, 0, 10, 10),
+  labels = sampler.crop_label_rule(_rule_base_map(), (0, 0, 10, 10),
                               np.array([1, 1, 1, 1, 0], bool), 0.1)
   np.testing.assert_array_equal(labels, [True, True, False, False, False])
   assert labels.dtype == bool and labels.shape == (5,)
@@ -327,19 +328,19 @@ def test_crop_label_rule_thresholds_are_strict():
   base[3, 0:9] = 1
   base[0, 4] = 1
   base[1, 0:2] = 2
-  labels = mc.crop_label_rule(base, (0, 0, 5, 2), np.ones(2, bool), 0.1)
+  labels = sampler.crop_label_rule(base, (0, 0, 5, 2), np.ones(2, bool), 0.1)
   np.testing.assert_array_equal(labels, [False, True])
   # ratio 0: any overlap counts.
-  labels = mc.crop_label_rule(base, (0, 0, 5, 2), np.ones(2, bool), 0.0)
+  labels = sampler.crop_label_rule(base, (0, 0, 5, 2), np.ones(2, bool), 0.0)
   np.testing.assert_array_equal(labels, [True, True])
 
 
 def test_crop_label_rule_rejects_bad_arguments():
   with pytest.raises(ValueError, match='box'):
-    mc.crop_label_rule(np.zeros((4, 4), np.uint8), (0, 0, 5, 2),
+    sampler.crop_label_rule(np.zeros((4, 4), np.uint8), (0, 0, 5, 2),
                        np.ones(2, bool))
   with pytest.raises(ValueError, match='ratio'):
-    mc.crop_label_rule(np.zeros((4, 4), np.uint8), (0, 0, 2, 2),
+    sampler.crop_label_rule(np.zeros((4, 4), np.uint8), (0, 0, 2, 2),
                        np.ones(2, bool), 1.5)
 
 
@@ -350,7 +351,7 @@ def test_sample_crop_window_finds_the_positive_window():
   base = np.zeros((40, 40), np.uint8)
   base[:4, :4] = 1
   rng = np.random.default_rng(0)
-  box, labels = mc.sample_crop_window(base, np.array([True, False]), rng,
+  box, labels = sampler.sample_crop_window(base, np.array([True, False]), rng,
                                       scales=(3.0,), window=16, stride=16,
                                       max_tries=1000)
   assert labels.tolist() == [True, False]
@@ -360,7 +361,7 @@ def test_sample_crop_window_finds_the_positive_window():
 def test_sample_crop_window_without_positive_keeps_the_last_draw():
   base = np.full((30, 30), IGNORE, np.uint8)
   rng = np.random.default_rng(5)
-  box, labels = mc.sample_crop_window(base, np.array([True]), rng,
+  box, labels = sampler.sample_crop_window(base, np.array([True]), rng,
                                       scales=(1.0, 2.0), window=10,
                                       stride=10, max_tries=4)
   assert not labels.any()
@@ -395,7 +396,7 @@ def _multicrop(**kwargs):
   args = dict(crop_size=16, num_foreground=3, base_key=BASE,
               scales=(0.75, 1.0, 1.5), stride=10, max_boxes=4)
   args.update(kwargs)
-  return mc.MultiCropTransform(**args)
+  return sampler.MultiCropTransform(**args)
 
 
 def test_multicrop_transform_layout_equals_train_transform():
@@ -420,7 +421,7 @@ def test_multicrop_transform_is_deterministic_and_crops_the_window():
   for key in first:
     np.testing.assert_array_equal(first[key], again[key])
   # Replay the window draw: the image is the window stretched by cv2.
-  box, labels = mc.sample_crop_window(
+  box, labels = sampler.sample_crop_window(
       example[BASE], example[schema.IMAGE_LABELS], np.random.default_rng(3),
       scales=(0.75, 1.0, 1.5), window=16, stride=10)
   x0, y0, x1, y1 = box
@@ -465,7 +466,7 @@ def test_multicrop_transform_boxes_follow_the_crop():
   transform = _multicrop(scales=(1.0,), crop_size=16, stride=10, flip=False)
   # 16-pixel windows of a 40x30 image, scale 1: the box follows its window.
   out = transform.random_map(_example(), np.random.default_rng(1))
-  box, _ = mc.sample_crop_window(_example()[BASE], np.array([0, 1, 0]),
+  box, _ = sampler.sample_crop_window(_example()[BASE], np.array([0, 1, 0]),
                                  np.random.default_rng(1), scales=(1.0,),
                                  window=16, stride=10)
   x0, y0, x1, y1 = box

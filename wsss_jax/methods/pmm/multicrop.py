@@ -1,5 +1,6 @@
-"""PMM multi-crop: the window layout, the multi-crop CAM and the multi-crop
-training sampler (PMM Sec. 3.5 and Sec. 4.1 "multi-crop"; docs/pmm.md).
+"""PMM multi-crop: the window layout and the multi-crop CAM (PMM Sec. 3.5
+and Sec. 4.1 "multi-crop"; docs/pmm.md).  The training sampler that draws
+windows of this layout is `multicrop_sampler`.
 
 Multi-crop *test* resizes the image to several resolutions (scales 0.75 to 3,
 step 0.25), cuts each resized image into windows of a fixed size (448) at a
@@ -32,32 +33,22 @@ float (x0, y0, x1, y1) half-open edge boxes (`wsss_jax.data.schema`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import cv2
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from wsss_jax.data import boxes as boxes_lib
-from wsss_jax.data import schema
-from wsss_jax.data import transforms
 
-Example = dict[str, Any]
 
 LAYOUTS = ('paper', 'pmm_code')
 # PMM Sec. 4.1: scales 0.75 to 3 in steps of 0.25, 448×448 crops, stride 300.
 PMM_SCALES = tuple(0.75 + 0.25 * i for i in range(10))
 PMM_WINDOW = 448
 PMM_STRIDE = 300
-# PMM Sec. 4.1: the 10 % crop label rule.
-PMM_CROP_LABEL_RATIO = 0.1
 
 _HI = lax.Precision.HIGHEST
 
@@ -65,13 +56,13 @@ _HI = lax.Precision.HIGHEST
 # ----------------------------------------------------------------------------
 # Window layout (host)
 # ----------------------------------------------------------------------------
-def _positive_int(value, name: str) -> int:
+def positive_int(value, name: str) -> int:
   if isinstance(value, bool) or int(value) != value or value < 1:
     raise ValueError(f'{name} must be a positive int, got {value!r}.')
   return int(value)
 
 
-def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
   scales = tuple(float(s) for s in scales)
   if not scales or not all(s > 0 and math.isfinite(s) for s in scales):
     raise ValueError(f'scales must be a non-empty sequence of positive '
@@ -124,11 +115,11 @@ def window_layout(height: int, width: int, scales: Sequence[float],
     int64 (N, 5) rows (scale_index, x0, y0, x1, y1): half-open boxes in
     original-image pixels, scale by scale, row-major (top row first).
   """
-  height = _positive_int(height, 'height')
-  width = _positive_int(width, 'width')
-  window = _positive_int(window, 'window')
-  stride = _positive_int(stride, 'stride')
-  scales = _check_scales(scales)
+  height = positive_int(height, 'height')
+  width = positive_int(width, 'width')
+  window = positive_int(window, 'window')
+  stride = positive_int(stride, 'stride')
+  scales = check_scales(scales)
   if layout not in LAYOUTS:
     raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}.')
   rows = []
@@ -265,7 +256,7 @@ def crop_resize(images: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
   Returns:
     float32 (B, N, size, size, C).
   """
-  size = _positive_int(size, 'size')
+  size = positive_int(size, 'size')
   if jnp.ndim(images) != 4 or jnp.ndim(boxes) != 3 or (
       jnp.shape(boxes)[-1] != 4) or jnp.shape(boxes)[0] != jnp.shape(images)[0]:
     raise ValueError(f'images must be (B, H, W, C) and boxes (B, N, 4), got '
@@ -308,8 +299,8 @@ def _paste_sums(maps: jax.Array, boxes: jax.Array, weights: jax.Array,
 def _check_out_hw(out_hw) -> tuple[int, int]:
   if len(tuple(out_hw)) != 2:
     raise ValueError(f'out_hw must be (height, width), got {out_hw!r}.')
-  return (_positive_int(out_hw[0], 'out_hw[0]'),
-          _positive_int(out_hw[1], 'out_hw[1]'))
+  return (positive_int(out_hw[0], 'out_hw[0]'),
+          positive_int(out_hw[1], 'out_hw[1]'))
 
 
 def _average(canvas: jax.Array, counter: jax.Array) -> jax.Array:
@@ -416,7 +407,7 @@ def multicrop_cam(cam_fn: Callable[[jax.Array], jax.Array],
   Returns:
     float32 (B, H, W, K).
   """
-  window = _positive_int(window, 'window')
+  window = positive_int(window, 'window')
   images = jnp.asarray(images)
   boxes = jnp.asarray(boxes, jnp.float32)
   valid = jnp.asarray(valid)
@@ -427,7 +418,7 @@ def multicrop_cam(cam_fn: Callable[[jax.Array], jax.Array],
                      f'{boxes.shape}, valid {valid.shape}.')
   batch, height, width, _ = images.shape
   num = boxes.shape[1]
-  chunk = num if chunk is None else _positive_int(chunk, 'chunk')
+  chunk = num if chunk is None else positive_int(chunk, 'chunk')
   chunk = min(chunk, num)
   steps = -(-num // chunk)
   pad = steps * chunk - num
@@ -460,183 +451,3 @@ def multicrop_cam(cam_fn: Callable[[jax.Array], jax.Array],
           jnp.zeros((batch, height, width), jnp.float32))
   (canvas, counter), _ = lax.scan(step, init, (boxes, valid))
   return _average(canvas, counter)
-
-
-# ----------------------------------------------------------------------------
-# Multi-crop training (host)
-# ----------------------------------------------------------------------------
-def crop_label_rule(base_map: np.ndarray, box: Sequence[int],
-                    image_labels: np.ndarray,
-                    ratio: float = PMM_CROP_LABEL_RATIO) -> np.ndarray:
-  """The crop labels of multi-crop training (PMM Sec. 4.1).
-
-  With region_k = (base_map == k + 1) (the base mask's confident pixels of
-  class k + 1) and I_k = |region_k ∩ box|, class k is positive iff it is in
-  the image labels and (I_k / |region_k| > ratio or I_k / |box| > ratio).
-  An empty region gives a negative class (no division by zero).
-
-  Args:
-    base_map: uint8 (H, W) label map: 0 background, k + 1 class k, 255
-      unlabelled (the base mask's pixels with CRF marginal ≤ 0.9).
-    box: (x0, y0, x1, y1) int half-open box inside the image.
-    image_labels: (K,) multi-hot (bool or float > 0) image labels.
-    ratio: the threshold (PMM: 0.1), compared strictly.
-  Returns:
-    bool (K,).
-  """
-  base_map = np.asarray(base_map)
-  labels = np.asarray(image_labels).reshape(-1) > 0
-  if base_map.ndim != 2:
-    raise ValueError(f'base_map must be (H, W), got {base_map.shape}.')
-  x0, y0, x1, y1 = (int(v) for v in box)
-  height, width = base_map.shape
-  if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-    raise ValueError(f'box must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 '
-                     f'< y1 <= {height}, got {tuple(box)!r}.')
-  if not 0 <= ratio < 1:
-    raise ValueError(f'ratio must be in [0, 1), got {ratio!r}.')
-  num = labels.size
-  ids = np.clip(base_map.astype(np.int64), 0, 255)
-  region = np.bincount(ids.ravel(), minlength=256)[1:num + 1]
-  inter = np.bincount(ids[y0:y1, x0:x1].ravel(), minlength=256)[1:num + 1]
-  box_area = (x1 - x0) * (y1 - y0)
-  share = np.divide(inter, region, out=np.zeros(num), where=region > 0)
-  of_region = share > ratio
-  of_box = inter / box_area > ratio
-  return labels & (of_region | of_box)
-
-
-def sample_crop_window(base_map: np.ndarray, image_labels: np.ndarray,
-                       rng: np.random.Generator, *,
-                       scales: Sequence[float], window: int, stride: int,
-                       layout: str = 'paper',
-                       ratio: float = PMM_CROP_LABEL_RATIO,
-                       max_tries: int = 10) -> tuple[np.ndarray, np.ndarray]:
-  """One multi-crop training window and its labels (PMM Sec. 4.1).
-
-  Draws a scale index uniformly, then up to `max_tries` windows of that
-  scale uniformly (with replacement) until `crop_label_rule` gives one a
-  positive class; otherwise the last window is kept with all-zero labels.
-  rng draws: 1 (scale) + the number of tries.
-
-  Args:
-    base_map: uint8 (H, W) base mask label map (see `crop_label_rule`).
-    image_labels: (K,) multi-hot image labels.
-    rng: the example's generator.
-  Returns:
-    (box int64 (4,) (x0, y0, x1, y1) in original pixels, labels bool (K,)).
-  """
-  max_tries = _positive_int(max_tries, 'max_tries')
-  scales = _check_scales(scales)
-  height, width = np.asarray(base_map).shape[:2]
-  scale = scales[int(rng.integers(len(scales)))]
-  boxes = window_layout(height, width, (scale,), window, stride,
-                        layout)[:, 1:]
-  labels = np.zeros(np.asarray(image_labels).size, bool)
-  box = boxes[0]
-  for _ in range(max_tries):       # host sampler: at most max_tries draws
-    box = boxes[int(rng.integers(len(boxes)))]
-    labels = crop_label_rule(base_map, box, image_labels, ratio)
-    if labels.any():
-      break
-  return box, labels
-
-
-def crop_example(example: Example, box: Sequence[int], size: int,
-                 label_keys: Sequence[str] = ()) -> Example:
-  """Cuts `box` out of an example and stretches it to size × size.
-
-  The image is resized with cv2 bilinear (INTER_LINEAR, as
-  `transforms.random_scale`), the label maps (`mask` and `label_keys`) with
-  cv2 nearest; boxes are shifted and scaled by the realised ratios, clipped
-  and dropped when they keep no pixel centre; `valid` becomes all True.
-  """
-  x0, y0, x1, y1 = (int(v) for v in box)
-  out = dict(example)
-  dsize = (size, size)
-  image = np.ascontiguousarray(example[schema.IMAGE][y0:y1, x0:x1])
-  out[schema.IMAGE] = cv2.resize(image, dsize,
-                                 interpolation=cv2.INTER_LINEAR)
-  for key in transforms.label_map_keys(example, label_keys):
-    part = np.ascontiguousarray(example[key][y0:y1, x0:x1])
-    out[key] = cv2.resize(part, dsize, interpolation=cv2.INTER_NEAREST)
-  out[schema.VALID] = np.ones(dsize, bool)
-  ratios = np.array([size / (x1 - x0), size / (y1 - y0)] * 2)
-  boxes = np.asarray(example[schema.BOXES], np.float64).reshape(-1, 4)
-  boxes = (boxes - np.array([x0, y0, x0, y0])) * ratios
-  out[schema.BOXES], out[schema.BOX_LABELS], _ = boxes_lib.clip_boxes(
-      boxes.astype(np.float32),
-      np.asarray(example[schema.BOX_LABELS], np.int32), size, size)
-  return out
-
-
-@dataclasses.dataclass(frozen=True)
-class MultiCropTransform(grain.transforms.RandomMap):
-  """Multi-crop training sampler (PMM Sec. 3.5 and 4.1) as a grain transform.
-
-  window (`sample_crop_window`, relabelled from the base mask) -> cut and
-  stretch to crop_size² (`crop_example`) -> flip -> colour jitter ->
-  `transforms.finalize`, whose layout it outputs (like
-  `transforms.TrainTransform` with label_keys=(base_key,)); image_labels
-  are the crop labels.  The base mask is the label map joined under
-  `base_key` (0 background, k + 1 class k, 255 where its CRF marginal is
-  ≤ 0.9).  rng draw order: scale, windows (≤ max_tries), flip (if enabled),
-  jitter order and factors (if > 0).
-  """
-  crop_size: int                       # the window side (PMM: 448)
-  num_foreground: int                  # K
-  base_key: str
-  scales: tuple[float, ...] = PMM_SCALES
-  stride: int = PMM_STRIDE
-  layout: str = 'paper'
-  ratio: float = PMM_CROP_LABEL_RATIO
-  max_tries: int = 10
-  flip: bool = True
-  color_jitter: float = 0.0
-  image_pad_value: tuple[int, int, int] = (0, 0, 0)
-  max_boxes: int = 16
-
-  def __post_init__(self):
-    set_field = lambda name, value: object.__setattr__(self, name, value)
-    set_field('crop_size', _positive_int(self.crop_size, 'crop_size'))
-    set_field('num_foreground',
-              _positive_int(self.num_foreground, 'num_foreground'))
-    set_field('stride', _positive_int(self.stride, 'stride'))
-    set_field('max_tries', _positive_int(self.max_tries, 'max_tries'))
-    set_field('scales', _check_scales(self.scales))
-    if not isinstance(self.base_key, str) or not self.base_key:
-      raise ValueError(f'base_key must be a non-empty string, got '
-                       f'{self.base_key!r}.')
-    if self.layout not in LAYOUTS:
-      raise ValueError(f'layout must be one of {LAYOUTS}, got '
-                       f'{self.layout!r}.')
-    if not 0 <= self.ratio < 1:
-      raise ValueError(f'ratio must be in [0, 1), got {self.ratio!r}.')
-    if not self.color_jitter >= 0:
-      raise ValueError(f'color_jitter must be >= 0, got '
-                       f'{self.color_jitter!r}.')
-    if isinstance(self.max_boxes, bool) or int(self.max_boxes) != (
-        self.max_boxes) or self.max_boxes < 0:
-      raise ValueError(f'max_boxes must be an int >= 0, got '
-                       f'{self.max_boxes!r}.')
-    colour = np.asarray(self.image_pad_value)
-    if colour.shape != (3,) or colour.min() < 0 or colour.max() > 255:
-      raise ValueError(f'image_pad_value must be 3 values in 0..255, got '
-                       f'{self.image_pad_value!r}.')
-    set_field('image_pad_value', tuple(int(v) for v in colour))
-
-  def random_map(self, example: Example, rng: np.random.Generator) -> Example:
-    label_keys = (self.base_key,)
-    transforms.check_example(example, label_keys)
-    box, crop_labels = sample_crop_window(
-        example[self.base_key], example[schema.IMAGE_LABELS], rng,
-        scales=self.scales, window=self.crop_size, stride=self.stride,
-        layout=self.layout, ratio=self.ratio, max_tries=self.max_tries)
-    example = crop_example(example, box, self.crop_size, label_keys)
-    if self.flip and rng.random() < 0.5:
-      example = transforms.hflip(example, label_keys)
-    example[schema.IMAGE] = transforms.color_jitter(example[schema.IMAGE],
-                                                    rng, self.color_jitter)
-    example[schema.IMAGE_LABELS] = crop_labels.astype(np.float32)
-    return transforms.finalize(example, self.max_boxes, self.num_foreground,
-                               label_keys)

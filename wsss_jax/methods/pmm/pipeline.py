@@ -44,7 +44,7 @@ from wsss_jax.crf import backend as crf_backend_lib
 from wsss_jax.data import schema
 from wsss_jax.data.label_png import LabelFolder
 from wsss_jax.methods.pmm import generate
-from wsss_jax.methods.pmm import multicrop
+from wsss_jax.methods.pmm import multicrop_sampler
 from wsss_jax.methods.pmm import objective
 from wsss_jax.methods.pmm import report as pmm_report
 from wsss_jax.methods.pmm import seam
@@ -190,7 +190,7 @@ def _multicrop_train_stage(mrt: Runtime, cam_model,
   """SEAM on multi-crop windows (crop labels from the base mask), from the
   initial weights (the paper trains its multi-crop network from ImageNet)."""
   config = mrt.config
-  transform = multicrop.MultiCropTransform(
+  transform = multicrop_sampler.MultiCropTransform(
       crop_size=options.multicrop_window, scales=options.multicrop_scales,
       stride=options.multicrop_stride, layout=options.multicrop_layout,
       num_foreground=mrt.num_classes - 1, base_key=objective.BASE_KEY,
