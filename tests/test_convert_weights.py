@@ -5,12 +5,14 @@ channel order and topology at once)."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
 from wsss_jax.models import build
+from wsss_jax.models import hourglass
 from wsss_jax.models import weights
 from wsss_jax.tools import convert_weights as cw
 
@@ -19,6 +21,8 @@ from wsss_jax.methods.rrm import model as rrm_model
 
 from torch_reference import (
     VGG_NAMES, VGG_INDICES, fake_vgg, vgg_forward, deeplab_vgg_names, lpg_vgg_names, fake_resnet, resnet_forward, deeplab_resnet_names, torchvision_resnet_names, fake_psa_resnet38, psa_resnet38_forward, _vgg_config, _resnet_config, _init, _template, _run, _write_source, _convert, _flat_torch)
+from torch_reference import (  # LPG's hourglass, below
+    np_conv, np_bn, relu, _conv_params, _bn_params)
 
 
 # --------------------------------------------------------------------------
@@ -293,6 +297,213 @@ def test_psa_resnet38_backbone_only_file_and_errors(tmp_path):
                             'psa_resnet38')
   with pytest.raises(cw.ConversionError, match='wrong --layout'):
     cw.convert_state_dict(state, 'deeplab_resnet101')
+
+
+# --------------------------------------------------------------------------
+# LPG's hourglass (CenterNet exkp, one stack), on PyTorch names directly
+# --------------------------------------------------------------------------
+# CenterNet's HourglassNet as LPG builds it: dims and residuals per list per
+# level, the stem, cnv and head widths, at width 1.
+LPG_DIMS, LPG_MODULES = (96, 96, 128, 128, 128, 192), (2, 2, 2, 2, 2, 4)
+
+
+def fake_lpg_hourglass(rng, width=1 / 8, in_ch=5, outputs=2):
+  """A state dict of `HourglassNet({'fm': outputs}, 1, input_channel=in_ch)`
+  with every channel count times `width`, built the way CenterNet's
+  constructors name it (make_layer, make_hg_layer, make_layer_revr)."""
+  c = lambda n: max(1, round(n * width))
+  state = {}
+  def conv(name, out_ch, in_ch, k, bias=False):
+    state.update(_flat_torch(name, _conv_params(rng, out_ch, in_ch, k, bias)))
+  def bn(name, ch):
+    state.update(_flat_torch(name, _bn_params(rng, ch)))
+    state[f'{name}.num_batches_tracked'] = np.array(5, np.int64)
+  def residual(name, in_ch, out_ch, stride=1):
+    conv(f'{name}.conv1', out_ch, in_ch, 3)
+    bn(f'{name}.bn1', out_ch)
+    conv(f'{name}.conv2', out_ch, out_ch, 3)
+    bn(f'{name}.bn2', out_ch)
+    if stride != 1 or in_ch != out_ch:
+      conv(f'{name}.skip.0', out_ch, in_ch, 1)
+      bn(f'{name}.skip.1', out_ch)
+  def kp_module(prefix, dims, modules):
+    curr, nxt = dims[0], dims[1]
+    for i in range(modules[0]):
+      residual(f'{prefix}.up1.{i}', curr, curr)
+    for i in range(modules[0]):
+      residual(f'{prefix}.low1.{i}', curr if i == 0 else nxt, nxt,
+               2 if i == 0 else 1)
+    if len(dims) > 2:
+      kp_module(f'{prefix}.low2', dims[1:], modules[1:])
+    else:
+      for i in range(modules[1]):
+        residual(f'{prefix}.low2.{i}', nxt, nxt)
+    for i in range(modules[0]):
+      residual(f'{prefix}.low3.{i}', nxt,
+               curr if i == modules[0] - 1 else nxt)
+  conv('pre.0.conv', c(48), in_ch, 7)
+  bn('pre.0.bn', c(48))
+  residual('pre.1', c(48), c(96), stride=2)
+  kp_module('kps.0', [c(d) for d in LPG_DIMS], LPG_MODULES)
+  conv('cnvs.0.conv', c(256), c(96), 3)
+  bn('cnvs.0.bn', c(256))
+  conv('fm.0.0.conv', c(96), c(256), 3, bias=True)
+  conv('fm.0.1', outputs, c(96), 1, bias=True)
+  return state
+
+
+def lpg_hourglass_forward(state, x):
+  """CenterNet exkp's forward (one stack, head fm) in numpy on PyTorch
+  names: x (H, W, C) -> fm (H / 4, W / 4, outputs)."""
+  bn = lambda name: {leaf: state[f'{name}.{leaf}'] for leaf in
+                     ('weight', 'bias', 'running_mean', 'running_var')}
+  def convolution(name, h, k, stride=1, with_bn=True):
+    h = np_conv(h, state[f'{name}.conv.weight'],
+                None if with_bn else state[f'{name}.conv.bias'],
+                stride=stride, pad=(k - 1) // 2)
+    return relu(np_bn(h, bn(f'{name}.bn')) if with_bn else h)
+  def residual(name, h, stride=1):
+    y = relu(np_bn(np_conv(h, state[f'{name}.conv1.weight'], stride=stride,
+                           pad=1), bn(f'{name}.bn1')))
+    y = np_bn(np_conv(y, state[f'{name}.conv2.weight'], pad=1),
+              bn(f'{name}.bn2'))
+    if f'{name}.skip.0.weight' in state:
+      h = np_bn(np_conv(h, state[f'{name}.skip.0.weight'], stride=stride),
+                bn(f'{name}.skip.1'))
+    return relu(y + h)
+  def kp_module(prefix, h, level):
+    count = LPG_MODULES[level]
+    up1 = h
+    for i in range(count):
+      up1 = residual(f'{prefix}.up1.{i}', up1)
+    low = h
+    for i in range(count):
+      low = residual(f'{prefix}.low1.{i}', low, 2 if i == 0 else 1)
+    if level < len(LPG_DIMS) - 2:
+      low = kp_module(f'{prefix}.low2', low, level + 1)
+    else:
+      for i in range(LPG_MODULES[-1]):
+        low = residual(f'{prefix}.low2.{i}', low)
+    for i in range(count):
+      low = residual(f'{prefix}.low3.{i}', low)
+    return up1 + low.repeat(2, axis=0).repeat(2, axis=1)   # nearest x2
+  h = convolution('pre.0', x, 7, stride=2)
+  h = residual('pre.1', h, stride=2)
+  h = convolution('cnvs.0', kp_module('kps.0', h, 0), 3)
+  h = convolution('fm.0.0', h, 3, with_bn=False)
+  return np_conv(h, state['fm.0.1.weight'], state['fm.0.1.bias'])
+
+
+def _lpg_target(key):
+  """Our flattened key of an LPG PyTorch key (frozen-BN file), by plain
+  renaming: the one stack's lists, nn.Sequential indices, the skip pair."""
+  module, _, leaf = key.rpartition('.')
+  for old, new in (('pre.0.', 'pre.layers_0.'), ('pre.1.', 'pre.layers_1.'),
+                   ('kps.0.', 'hourglass.'), ('cnvs.0.', 'cnv.'),
+                   ('fm.0.0.', 'fm.layers_0.'), ('skip.0', 'skip_conv'),
+                   ('skip.1', 'skip_bn')):
+    module = module.replace(old, new)
+  module = 'fm.layers_1' if module == 'fm.0.1' else module
+  module = re.sub(r'(up1|low1|low2|low3)\.(\d)', r'\1_\2', module)
+  path = module.replace('.', '/')
+  is_bn = path.rpartition('/')[2] in ('bn', 'bn1', 'bn2', 'skip_bn')
+  if not is_bn:
+    return f'params/{path}/' + ('kernel' if leaf == 'weight' else 'bias')
+  name = {'weight': 'scale', 'running_mean': 'mean',
+          'running_var': 'var'}.get(leaf, leaf)
+  return f'batch_stats/{path}/{name}'
+
+
+def _hourglass_template(model, channels, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda leaf: rng.normal(size=leaf.shape).astype(leaf.dtype),
+      hourglass.abstract_variables(model, channels))
+
+
+def test_lpg_hourglass_round_trip_matches_numpy_network(tmp_path):
+  rng = np.random.default_rng(14)
+  state = {f'module.{k}': v for k, v in fake_lpg_hourglass(rng).items()}
+  report = cw.convert_file(_write_source(tmp_path, state), 'lpg_hourglass',
+                           str(tmp_path / 'lpg.npz'))
+  assert report['stripped_prefix'] == 'module.'
+  inferred = report['inferred_model']
+  assert (inferred['width'], inferred['input_channels'],
+          inferred['num_classes']) == (1 / 8, 5, 2)
+  assert report['not_produced'] == []
+  counters = sorted(k for k in state if k.endswith('num_batches_tracked'))
+  assert sorted('module.' + k for k, _ in report['unused']) == counters
+  # Every source array landed once, where plain renaming puts it.
+  flat = weights.read_weights(str(tmp_path / 'lpg.npz'))
+  assert len(flat) == report['converted'] == len(state) - len(counters)
+  for key in sorted(set(state) - set(counters)):
+    target = _lpg_target(key[len('module.'):])
+    value = state[key]
+    expected = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+    np.testing.assert_array_equal(flat[target], expected, err_msg=key)
+  # LPG trains its BN: the frozen-BN file loads into the default network
+  # by relocating BN scale/bias to params; nothing is left over.
+  model = hourglass.HourglassNet(width=1 / 8)
+  variables, loaded = weights.load_weights(_hourglass_template(model, 5),
+                                           str(tmp_path / 'lpg.npz'))
+  assert loaded['missing'] == []
+  assert loaded['loaded'] == report['converted']
+  assert ('batch_stats/cnv/bn/scale', 'params/cnv/bn/scale') in loaded[
+      'relocated']
+  # The whole network against numpy: strides, skips, the recursion, the
+  # nearest upsampling and the head's biases.
+  images = rng.normal(size=(1, 128, 128, 5)).astype(np.float32)
+  with jax.default_matmul_precision('highest'):
+    ours = jax.jit(model.apply).lower(variables, images).compile(
+        compiler_options={'xla_backend_optimization_level': 0})(
+            variables, images)['logits'][0]
+  expected = lpg_hourglass_forward(state_without_prefix(state), images[0])
+  assert ours.shape == expected.shape == (32, 32, 2)
+  scale = np.max(np.abs(expected))
+  np.testing.assert_allclose(ours / scale, expected / scale, atol=1e-5)
+
+
+def state_without_prefix(state):
+  return {k[len('module.'):]: v for k, v in state.items()}
+
+
+def test_lpg_hourglass_four_channels_and_errors(tmp_path):
+  rng = np.random.default_rng(15)
+  state = fake_lpg_hourglass(rng, width=1 / 4, in_ch=4)
+  report = cw.convert_file(_write_source(tmp_path, state), 'lpg_hourglass',
+                           str(tmp_path / 'round1.npz'), frozen_bn=False)
+  inferred = report['inferred_model']
+  assert (inferred['width'], inferred['input_channels']) == (1 / 4, 4)
+  assert report['not_produced'] == [] and report['bn_collection'] == 'params'
+  _, loaded = weights.load_weights(
+      _hourglass_template(hourglass.HourglassNet(width=1 / 4), 4),
+      str(tmp_path / 'round1.npz'))
+  assert loaded['missing'] == [] and loaded['relocated'] == []
+  # Keys of a 2-stack model, of other heads, and lists or indices the
+  # one-stack hourglass does not have all fail loudly.
+  for key in ('kps.1.up1.0.conv1.weight', 'cnvs.1.conv.weight',
+              'inters.0.conv1.weight', 'inters_.0.0.weight',
+              'cnvs_.0.1.running_mean', 'hm.0.1.weight', 'fm.1.0.conv.weight',
+              'kps.0.up1.2.conv1.weight', 'kps.0.low2.0.conv1.weight',
+              'kps.0.low2.low2.low2.low2.low2.up1.0.conv1.weight',
+              'kps.0.low2.low2.low2.low2.low2.4.bn1.weight',
+              'kps.0.low1.0.skip.2.weight', 'pre.2.conv.weight'):
+    with pytest.raises(cw.ConversionError, match='wrong --layout'):
+      cw.convert_state_dict({**state, key: np.zeros((1, 1, 1, 1))},
+                            'lpg_hourglass')
+  # A width that does not fit, named by the converted key.
+  broken = dict(state)
+  broken['kps.0.low2.low3.1.conv2.weight'] = np.zeros((8, 8, 3, 3),
+                                                      np.float32)
+  with pytest.raises(cw.ConversionError,
+                     match='hourglass/low2/low3_1/conv2/kernel'):
+    cw.convert_file(_write_source(tmp_path, broken), 'lpg_hourglass',
+                    str(tmp_path / 'broken.npz'))
+  # LPG's inputs are [probability,] box mask, RGB: no channel order to flip.
+  with pytest.raises(cw.ConversionError, match='4 input channels'):
+    cw.convert_state_dict(state, 'lpg_hourglass', flip_first_conv=True)
+  with pytest.raises(cw.ConversionError, match='wrong --layout'):
+    cw.convert_state_dict(state, 'scalenet101')
 
 
 # --------------------------------------------------------------------------

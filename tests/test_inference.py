@@ -182,3 +182,160 @@ def test_the_jax_crf_backend_evaluates_like_pydensecrf():
   assert crf_backend.host_workers('pydensecrf', 2) == 2
   with pytest.raises(ValueError, match='Unknown CRF backend'):
     crf_backend.host_workers('gpu', 2)
+
+
+# ---------------------------------------------------------------------------
+# Sliding-window inference (mmseg's 'slide' mode)
+# ---------------------------------------------------------------------------
+class PixelModel(nn.Module):
+  """Logits = a fixed linear map of each pixel's colour, full resolution."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    self.param('unused', nn.initializers.zeros, (1,))
+    mix = jnp.asarray([[1.0, -0.5, 0.2], [0.3, 0.8, -1.0], [-0.7, 0.1, 0.9]])
+    return {'logits': images @ mix[:, :self.num_classes]}
+
+
+class MeanColourModel(nn.Module):
+  """Logits = the mean colour of the whole input, at every pixel (half
+  resolution, so the window's logits are resized back)."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    self.param('unused', nn.initializers.zeros, (1,))
+    b, h, w, c = images.shape
+    mean = images.mean(axis=(1, 2), keepdims=True)
+    return {'logits': jnp.broadcast_to(mean, (b, (h + 1) // 2, (w + 1) // 2,
+                                              c))}
+
+
+def test_window_starts_hand_computed():
+  assert inference.window_starts(10, 4, 3) == [0, 3, 6]   # last: 6..10
+  assert inference.window_starts(5, 8, 3) == [0]          # one window 0..5
+  assert inference.window_starts(8, 8, 4) == [0]
+  assert inference.window_starts(9, 8, 4) == [0, 1]       # last: 1..9
+  assert inference.window_starts(13, 6, 6) == [0, 6, 7]
+  assert inference.window_starts(12, 4, 4) == [0, 4, 8]   # no overlap
+
+
+def test_sliding_windows_of_a_per_pixel_model_equal_the_whole_image():
+  # 13 px, windows 6 every 4 (0..6, 4..10, 7..13): overlaps and a last
+  # window moved back; at scale 0.75 the side is 10 (0..6, 4..10).
+  model = PixelModel()
+  variables = _variables(model)
+  images = jnp.asarray(np.random.default_rng(2).integers(
+      0, 255, (2, 13, 13, 3)), jnp.uint8)
+  for fusion in ('mean_probs', 'max_logits'):
+    kwargs = dict(scales=(0.75, 1.0), flip=True, fusion=fusion,
+                  output='probs')
+    whole = inference.make_predictor(model, 'imagenet', **kwargs)
+    slide = inference.make_predictor(model, 'imagenet', window_size=6,
+                                     window_stride=4, **kwargs)
+    np.testing.assert_allclose(slide(variables, images),
+                               whole(variables, images), atol=1e-5)
+
+
+def test_sliding_window_logits_average_the_windows_covering_a_pixel():
+  # 10 px, windows 6 every 4: rows and columns 0..6 and 4..10, four windows.
+  model = MeanColourModel()
+  variables = _variables(model)
+  image = np.random.default_rng(3).integers(0, 255, (1, 10, 10, 3))
+  probs = inference.make_predictor(
+      model, 'imagenet', fusion='mean_logits', output='probs', window_size=6,
+      window_stride=4)(variables, jnp.asarray(image, jnp.uint8))
+  x = (image[0] / 255.0 - np.asarray([0.485, 0.456, 0.406])) / np.asarray(
+      [0.229, 0.224, 0.225])
+
+  def softmax(logits):
+    return np.exp(logits) / np.exp(logits).sum()
+
+  # Pixel (5, 0): rows 0..6 and 4..10, columns 0..6 only: two windows.
+  two = (x[0:6, 0:6].mean((0, 1)) + x[4:10, 0:6].mean((0, 1))) / 2
+  np.testing.assert_allclose(probs[0, 5, 0], softmax(two), rtol=1e-5)
+  # Pixel (1, 8): one window (rows 0..6, columns 4..10).
+  np.testing.assert_allclose(probs[0, 1, 8],
+                             softmax(x[0:6, 4:10].mean((0, 1))), rtol=1e-5)
+  # Pixel (5, 5): all four windows.
+  four = np.mean([x[y:y + 6, c:c + 6].mean((0, 1)) for y in (0, 4)
+                  for c in (0, 4)], axis=0)
+  np.testing.assert_allclose(probs[0, 5, 5], softmax(four), rtol=1e-5)
+
+
+def test_windows_run_as_one_batched_call():
+  calls = []
+
+  class Recording(PixelModel):
+
+    def __call__(self, images, train=False):
+      calls.append(images.shape)
+      return super().__call__(images, train)
+
+  model = Recording()
+  variables = _variables(model)
+  calls.clear()
+  inference.make_predictor(model, 'imagenet', window_size=6, window_stride=4)(
+      variables, jnp.zeros((2, 13, 13, 3), jnp.uint8))
+  assert calls == [(2 * 9, 6, 6, 3)]
+  calls.clear()   # a side shorter than the window: one window of that side
+  inference.make_predictor(model, 'imagenet', window_size=16,
+                           window_stride=8)(
+                               variables, jnp.zeros((2, 13, 13, 3), jnp.uint8))
+  assert calls == [(2, 13, 13, 3)]
+
+
+def test_window_size_zero_is_the_whole_image_path():
+  model = ColourModel()
+  variables = _variables(model)
+  images = jnp.asarray(np.random.default_rng(4).integers(
+      0, 255, (2, 16, 16, 3)), jnp.uint8)
+  kwargs = dict(scales=(0.75, 1.0), flip=True, output='probs')
+  old = inference.make_predictor(model, 'imagenet', **kwargs)
+  new = inference.make_predictor(model, 'imagenet', window_size=0,
+                                 window_stride=0, **kwargs)
+  assert str(jax.make_jaxpr(old)(variables, images)) == str(
+      jax.make_jaxpr(new)(variables, images))
+  np.testing.assert_array_equal(old(variables, images), new(variables, images))
+
+
+def test_bad_windows_are_rejected():
+  with pytest.raises(ValueError, match='eval.window_size'):
+    inference.make_predictor(ColourModel(), 'imagenet', window_size=-1)
+  for stride in (0, -2, 9):
+    with pytest.raises(ValueError, match='eval.window_stride'):
+      inference.make_predictor(ColourModel(), 'imagenet', window_size=8,
+                               window_stride=stride)
+  from wsss_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config = defaults.base_config('supervised', method='supervised')
+  config_checks.validate(config)
+  config.eval.update(window_size=-4)
+  with pytest.raises(config_checks.ConfigError, match='eval.window_size'):
+    config_checks.validate(config)
+  config.eval.update(window_size=8, window_stride=12)
+  with pytest.raises(config_checks.ConfigError, match='eval.window_stride'):
+    config_checks.validate(config)
+
+
+def test_evaluator_slides_windows_from_the_eval_config():
+  dataset = _tiny_dataset()
+  model = PixelModel(num_classes=dataset.num_classes)
+  variables = _variables(model, 32)
+  config = defaults.evaluation()
+  config.update(batch_size=2)
+  whole = inference.Evaluator(model, dataset, 'val', config, 'imagenet',
+                              mesh_lib.make_mesh())
+  assert 'window_size' not in whole.describe()
+  config.update(window_size=12, window_stride=8)
+  slide = inference.Evaluator(model, dataset, 'val', config, 'imagenet',
+                              mesh_lib.make_mesh())
+  assert slide.describe()['window_size'] == 12
+  assert slide.describe()['window_stride'] == 8
+  # A per-pixel model scores the same either way.
+  assert slide(variables, progress=False)['miou'] == pytest.approx(
+      whole(variables, progress=False)['miou'], abs=1e-9)
+  # A config saved before the fields existed evaluates the whole image.
+  del config['window_size'], config['window_stride']
+  assert 'window_size' not in inference.Evaluator(
+      model, dataset, 'val', config, 'imagenet',
+      mesh_lib.make_mesh()).describe()

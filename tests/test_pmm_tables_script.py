@@ -62,3 +62,19 @@ def test_foreground_stats_by_hand():
   assert abs(stats['foreground_share'] - 200 / 3) < 1e-9
   assert stats['precision'] == 50.0 and stats['recall'] == 50.0
   assert stats['right_class'] == 50.0
+
+
+def test_best_val_rows_and_table():
+  import pmm_best_val  # pylint: disable=g-import-not-at-top
+  final = {'pmm': {'rounds': [{'val_miou': 30.0},
+                              {'val_miou': 33.0, 'label_miou': 28.0}]}}
+  best = {'pmm': {'rounds': [
+      {'val_miou': 30.0, 'selected_checkpoint': {
+          'step': 240, 'val_miou': 31.5, 'max_images': 100}},
+      {'val_miou': 32.0, 'label_miou': 27.5}]}}
+  row = pmm_best_val.seed_row(0, final, best)
+  assert (row['selected_step'], row['selected_score']) == (240, 31.5)
+  assert (row['val_final'], row['val_best_val']) == (33.0, 32.0)
+  text = pmm_best_val.table([row, dict(row, seed=1, val_best_val=34.0)], 300)
+  assert '| 0 | 240 | 31.5 | 28.0 / 27.5 | 33.0 / 32.0 | -1.0 |' in text
+  assert '0.0 ± 1.4' in text        # mean and s.d. of -1 and +1

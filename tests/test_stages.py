@@ -153,6 +153,21 @@ def test_an_evaluation_setting_reruns_only_the_evaluation(tmp_path, caplog):
       (tmp_path / 'train' / stages.MARKER).read_text())['config']
 
 
+def test_a_field_the_stage_now_ignores_does_not_rerun_it(tmp_path):
+  calls, weight = [], [1.0]
+  _run(tmp_path, _pipeline(calls, weight), FIELDS)
+  calls.clear()
+  # A later version of the stage ignores optim.lr (its marker recorded it).
+  pipeline = _pipeline(calls, weight)
+  pipeline[0] = stages.Stage(
+      'train', pipeline[0].run, outputs=pipeline[0].outputs,
+      network=pipeline[0].network, ignores=('eval', 'optim.lr'),
+      extends=pipeline[0].extends)
+  records = _run(tmp_path, pipeline, dict(FIELDS, **{'optim.lr': 0.2}))
+  assert [r['status'] for r in records] == ['skipped', 'done']
+  assert calls == ['evaluate']       # the evaluation reads optim.lr
+
+
 def test_more_steps_continue_training_and_rerun_what_follows(tmp_path):
   calls, weight = [], [1.0]
   _run(tmp_path, _pipeline(calls, weight), FIELDS)

@@ -19,6 +19,7 @@ with prefixed names (`wsss_jax.stages.rounds`).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -27,6 +28,7 @@ from wsss_jax.host import grabcut
 from wsss_jax.reporting import figures
 from wsss_jax.runtime import Runtime
 from wsss_jax.stages import Network, Stage, StageContext
+from wsss_jax.training import best as best_lib
 from wsss_jax.training import mesh as mesh_lib
 
 LABELS = 'labels'            # the label folder inside a label stage's folder
@@ -95,7 +97,9 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
                 label_folders: Mapping[str, str] | None = None, model=None,
                 init_stage: str | None = None, num_steps: int | None = None,
                 frozen_modules: tuple[str, ...] = (), validate: bool = True,
-                transform=None, description: str = '') -> Stage:
+                transform=None, keep_best: bool = False,
+                selection_eval=None, model_inputs: tuple[str, ...] = (),
+                init_fn=None, description: str = '') -> Stage:
   """Trains a network (`segmentation.train_segmenter`) into
   `<name>/model.npz`.
 
@@ -105,6 +109,16 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
     init_stage: start from that training stage's weights.
     transform: a grain transform that replaces `config.input`'s
       augmentation (a method's own sampler, e.g. PMM's multi-crop windows).
+    keep_best: also write `<name>/best_model.npz`, the weights of the best
+      periodic validation (`best_model_path(name)`); the periodic
+      validations then decide an output, so `train.eval_every`,
+      `train.eval_max_images`, `eval` and `crf` rerun the stage.
+    selection_eval: the validations' protocol (a `config.eval`-like section
+      the caller owns; None: single scale without CRF).
+    model_inputs: batch keys the model takes besides the images.
+    init_fn: `(context, model, rng) -> (variables, record)`, the initial
+      variables when the network is assembled from earlier stages' weights
+      (read under `context.workdir`).
     Others: as `segmentation.train_segmenter`.
   """
   label_folders = dict(label_folders or {})
@@ -117,13 +131,25 @@ def train_stage(rt: Runtime, name: str, *, loss_fn,
         num_steps=num_steps, frozen_modules=frozen_modules,
         init_from=(os.path.join(context.workdir, model_path(init_stage))
                    if init_stage else None),
-        validate=validate, transform=transform)
+        validate=validate, transform=transform, keep_best=keep_best,
+        selection_eval=selection_eval, model_inputs=model_inputs,
+        init_fn=(functools.partial(init_fn, context) if init_fn else None))
+  outputs = (segmentation.MODEL_FILE,)
+  ignores = TRAIN_STAGE_IGNORES
+  if keep_best:
+    outputs += (best_lib.BEST_MODEL_FILE,)
+    ignores = ('report', 'train.checkpoint_every', 'train.keep_checkpoints')
   # A raised train.num_steps continues from the last checkpoint; the poly
   # schedule is then that of the new length from the step it resumes at.
-  return Stage(name, run, outputs=(segmentation.MODEL_FILE,),
-               description=description,
-               network=Network(name, rt, model), ignores=TRAIN_STAGE_IGNORES,
+  return Stage(name, run, outputs=outputs, description=description,
+               network=Network(name, rt, model), ignores=ignores,
                extends=('train.num_steps',) if num_steps is None else ())
+
+
+def best_model_path(stage: str) -> str:
+  """The best-validation weights of training stage `stage` (trained with
+  `keep_best=True`), relative to the workdir."""
+  return os.path.join(stage, best_lib.BEST_MODEL_FILE)
 
 
 def model_label_stage(
@@ -142,17 +168,20 @@ def model_label_stage(
 
 
 def prediction_label_stage(rt: Runtime, name: str, model_stage: str,
-                           eval_config, *, model=None,
+                           eval_config, *, model=None, best: bool = False,
                            description: str = '') -> Stage:
   """The predictions of `<model_stage>/model.npz` on the training split as
   the label folder `<name>/labels` (a two-step method's second-step labels),
   predicted like an evaluation with `eval_config` and scored against the
   ground truth.  `eval_config` must come from the config fields the caller
   owns (a method section), not from `config.eval`, which this stage, like
-  every label stage, ignores."""
+  every label stage, ignores.  `best`: predict with the stage's
+  best-validation weights (`best_model_path`) instead of its last."""
+  weights = (best_model_path if best else model_path)(model_stage)
+
   def run(context, stage_dir):
     net, variables = segmentation.load_trained(
-        rt, os.path.join(context.workdir, model_path(model_stage)), model)
+        rt, os.path.join(context.workdir, weights), model)
     return segmentation.predict_label_folder(
         rt, os.path.join(stage_dir, LABELS), net, variables, eval_config)
   return Stage(name, run, outputs=(LABELS,), description=description,

@@ -24,8 +24,14 @@ RESUME_SAFE_FIELDS = ('eval.crf_workers', 'eval.worker_count', 'input.cache_mb',
 # the code did before them: a workdir whose config.json lacks one resumes
 # when the new config holds that value.
 NEUTRAL_WHEN_ABSENT = {'train.ema_decay': 0.0, 'optim.warmup_steps': 0,
+                       'eval.window_size': 0, 'eval.window_stride': 0,
                        'crf.backend': 'pydensecrf',
-                       'rrm.hparam_preset': 'paper'}
+                       'rrm.hparam_preset': 'paper',
+                       'pmm.classify_crop_size': 0,
+                       'pmm.classify_scale_range': [],
+                       'pmm.classifier_dropout': 0.0,
+                       'pmm.relabel.window_size': 0,
+                       'pmm.relabel.window_stride': 0}
 
 
 # `config.crf.backend` values (`host.crf.get_backend` names).
@@ -114,6 +120,13 @@ def validate(config) -> None:
   need(_positive_numbers(ev.scales), 'eval.scales',
        f'must be non-empty and positive, got {tuple(ev.scales)}')
   need(ev.max_images >= 0, 'eval.max_images', 'must be >= 0')
+  window_size = ev.get('window_size', 0)
+  window_stride = ev.get('window_stride', 0)
+  need(window_size >= 0, 'eval.window_size',
+       f'must be >= 0 (0: whole image), got {window_size}')
+  need(window_size <= 0 or 0 < window_stride <= window_size,
+       'eval.window_stride', f'must be in [1, eval.window_size '
+       f'({window_size})] with sliding windows, got {window_stride}')
   backend = config.get('crf', {}).get('backend', 'pydensecrf')
   need(backend in CRF_BACKENDS, 'crf.backend',
        f'must be one of {CRF_BACKENDS}, got {backend!r}')

@@ -303,6 +303,8 @@ def evaluation() -> ConfigDict:
       flip=False,
       fusion='mean_probs',       # multi-scale/flip: 'mean_probs', 'mean_logits', 'max_logits'
       align_corners=False,       # bilinear convention for rescaling inputs/logits
+      window_size=0,  # 0: whole image; else sliding windows (mmseg 'slide')
+      window_stride=0,           # window step in pixels, 0 < stride <= size
       crf=False,
       # DeepLab-v2's DenseCRF (POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67,
       # BI_RGB_STD 3; as in LPG's ResNet config and docs/box2seg.md, choice

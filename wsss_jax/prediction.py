@@ -2,7 +2,7 @@
 
 The run's config is read back from its workdir and the network of its
 evaluation stage (or of a named training stage) loaded; `config.eval`
-settings (scales, flip, fusion, CRF) may be overridden.  Images of any size
+settings (scales, flip, fusion, sliding window, CRF) may be overridden.  Images of any size
 are padded (bottom/right) to square buckets whose side is a multiple of
 `bucket_multiple`, so the predictor compiles once per bucket, and batched to
 `eval.batch_size`; the CRF and PNG writing run on the host while the device
@@ -227,7 +227,8 @@ def predict_folder(workdir: str, images: str, out: str, *,
       flip=bool(eval_config.flip), fusion=eval_config.fusion,
       align_corners=bool(eval_config.align_corners),
       compute_dtype=rt.compute_dtype,
-      output='probs' if crf_params else 'labels', mesh=rt.mesh)
+      output='probs' if crf_params else 'labels', mesh=rt.mesh,
+      **inference.window_config(eval_config))
   variables = jax.device_put(variables, mesh_lib.replicated(rt.mesh))
 
   skipped: dict[str, str] = {}
@@ -303,8 +304,9 @@ def predict_folder(workdir: str, images: str, out: str, *,
       'buckets': {str(side): count for side, count in sorted(buckets.items())},
       'protocol': {'scales': list(eval_config.scales),
                    'flip': bool(eval_config.flip),
-                   'fusion': eval_config.fusion, 'crf': bool(eval_config.crf),
-                   'batch_size': batch_size},
+                   'fusion': eval_config.fusion,
+                   **inference.describe_window(eval_config),
+                   'crf': bool(eval_config.crf), 'batch_size': batch_size},
       'overrides': list(overrides), 'wall_s': round(time.time() - start, 2)}
   write_json_atomic(os.path.join(out, SUMMARY_FILE), summary)
   for name, reason in sorted(skipped.items()):

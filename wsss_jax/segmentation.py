@@ -31,6 +31,7 @@ from wsss_jax.models import build as model_build
 from wsss_jax.models import weights as weights_lib
 from wsss_jax.runtime import Runtime
 from wsss_jax.training import loop, optim, state as state_lib, step as step_lib
+from wsss_jax.training import best as best_lib
 from wsss_jax.training import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,9 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
                     init_from: str | None = None,
                     frozen_modules: tuple[str, ...] = (),
                     validate: bool = True,
-                    transform=None) -> dict[str, Any]:
+                    transform=None, keep_best: bool = False,
+                    selection_eval=None, model_inputs: tuple[str, ...] = (),
+                    init_fn=None) -> dict[str, Any]:
   """Trains (or resumes) a segmentation network; writes `<stage_dir>/model.npz`.
 
   Args:
@@ -250,9 +253,23 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       stages whose 'logits' are not trained, e.g. Box2Seg's phase 1).
     transform: the training sampler (see `training_batches`); None:
       `TrainTransform.from_config(config.input, ...)`.
+    keep_best: also keep the variables of the best periodic validation
+      mIoU as `<stage_dir>/best_model.npz` (`training.best`); the summary's
+      'best' says which step and score (needs `validate`).
+    selection_eval: the `config.eval`-like protocol of the periodic
+      validations (scales, flip, CRF on `config.crf.backend`); None: single
+      scale without CRF, a cheap progress signal.
+    model_inputs: batch keys the model takes besides the images
+      (`step.make_train_step`).
+    init_fn: `(model, rng) -> (variables, record)`: the initial variables of
+      a network assembled from parts (e.g. a trained network inside a new
+      one); default `initial_variables` (`model.init_weights`).
   Returns:
     The training summary (steps, throughput, history, initialisation).
   """
+  if keep_best and not validate:
+    raise ValueError('keep_best selects among validations: validate must be '
+                     'True.')
   config = rt.config
   label_folders = dict(label_folders or {})
   model = model or build_segmenter(rt)
@@ -273,6 +290,8 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       _, variables = load_trained(rt, init_from, model)
       record = {'init': os.path.abspath(init_from),
                 'sha256': weights_lib.file_sha256(init_from)}
+    elif init_fn is not None:
+      variables, record = init_fn(model, rng)
     else:
       variables, record = initial_variables(rt, model, rng)
     init_record.update(record)
@@ -280,12 +299,15 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
                                         rt.mesh, variables=variables,
                                         ema_decay=config.train.ema_decay)
 
-  # Periodic validation is a cheap progress signal: single scale, no CRF.
-  evaluator = inference.Evaluator(model, rt.dataset, rt.val_split,
-                                  _single_scale(config.eval),
-                                  rt.normalization, rt.mesh,
-                                  rt.compute_dtype,
-                                  config.eval.worker_count)
+  # Periodic validation is a cheap progress signal (single scale, no CRF)
+  # unless it selects a checkpoint under a named protocol.
+  evaluator = inference.Evaluator(
+      model, rt.dataset, rt.val_split,
+      selection_eval if selection_eval is not None
+      else _single_scale(config.eval),
+      rt.normalization, rt.mesh, rt.compute_dtype, config.eval.worker_count,
+      crf_backend=config.crf.backend)
+  best = best_lib.BestWeights(stage_dir) if keep_best else None
   job = loop.TrainingJob(
       name=name, stage_dir=stage_dir, init_state=init_state,
       abstract_state=lambda: state_lib.abstract_train_state(
@@ -293,7 +315,8 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
           ema_decay=config.train.ema_decay),
       make_data_iter=lambda: training_batches(rt, label_folders, transform),
       train_step=step_lib.make_train_step(model, loss_fn, rt.normalization,
-                                          rt.mesh, rt.compute_dtype),
+                                          rt.mesh, rt.compute_dtype,
+                                          model_inputs=tuple(model_inputs)),
       mesh=rt.mesh, num_steps=num_steps, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
       keep_checkpoints=config.train.keep_checkpoints,
@@ -305,8 +328,12 @@ def train_segmenter(rt: Runtime, stage_dir: str, *, loss_fn: step_lib.LossFn,
       learning_rate=optim.make_schedule(config.optim, num_steps),
       preview=(validation_preview(rt, model)
                if validate and jax.process_count() == 1 else None),
-      config_text=_config_markdown(config))
+      config_text=_config_markdown(config),
+      after_validation=best.update if best is not None else None)
   state, summary = loop.train(job)
+  if best is not None:
+    summary['best'] = dict(best.record or {}, protocol=evaluator.describe(),
+                           max_images=int(config.train.eval_max_images))
   if mesh_lib.is_primary():
     weights_lib.save_weights(
         os.path.join(stage_dir, MODEL_FILE),

@@ -194,7 +194,10 @@ def plan_stage(stage: Stage, stage_dir: str, fields: dict[str, Any] | None,
     return 'run', ''
   current = _fields_for(stage, fields if own_fields is None else own_fields)
   recorded = marker.get('config')
-  if recorded is None:
+  if recorded is not None:
+    # A field the stage has since learnt to ignore is no reason to redo it.
+    recorded = _fields_for(stage, recorded)
+  else:
     if previous_fields is None:
       return ('skip', '') if complete else ('run', '')
     recorded = _fields_for(stage, previous_fields)

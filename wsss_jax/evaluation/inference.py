@@ -1,7 +1,8 @@
 """Full-image inference and split evaluation.
 
 Images are padded (bottom/right) to one bucket size so the predictor compiles
-once; multi-scale and flip passes are fused on the device; the optional
+once; multi-scale and flip passes are fused on the device, each pass over the
+whole image or in sliding windows (MMSegmentation's 'slide' mode); the optional
 DenseCRF runs in host worker processes while the device computes the next
 batch.  Every evaluated image can be written as a VOC-palette PNG.
 """
@@ -32,10 +33,73 @@ from wsss_jax.training import mesh as mesh_lib
 FUSIONS = ('mean_probs', 'mean_logits', 'max_logits')
 
 
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+  """Start offsets of the sliding windows along one side (mmseg's 'slide').
+
+  ceil((length − size) / stride) + 1 windows (one when length <= size); the
+  i-th starts at i·stride, except that the last is moved back so that it ends
+  at `length`.  Every window spans min(size, length) pixels: a side shorter
+  than the window is covered by one window of that side's length.
+  E.g. (10, 4, 3) -> [0, 3, 6] (6..10); (5, 8, 3) -> [0] (0..5).
+  """
+  if size <= 0 or stride <= 0:
+    raise ValueError(f'window size and stride must be positive, got '
+                     f'size={size}, stride={stride}.')
+  grids = max(length - size + stride - 1, 0) // stride + 1
+  return [max(min(i * stride + size, length) - size, 0) for i in range(grids)]
+
+
+def check_window(window_size: int, window_stride: int) -> None:
+  """ValueError naming `eval.window_size`/`eval.window_stride` unless the
+  window is off (size 0) or 0 < stride <= size."""
+  if window_size < 0:
+    raise ValueError(f'eval.window_size={window_size}: expected 0 (whole '
+                     'image) or a positive window side.')
+  if window_size > 0 and not 0 < window_stride <= window_size:
+    raise ValueError(f'eval.window_stride={window_stride}: expected 0 < '
+                     f'stride <= eval.window_size ({window_size}).')
+
+
+def slide_logits(apply_fn: Callable[[jax.Array], jax.Array],
+                 inputs: jax.Array, window_size: int, window_stride: int,
+                 align_corners: bool = False) -> jax.Array:
+  """Float32 logits (B, H, W, C) of `inputs` (B, H, W, 3) averaged over
+  sliding windows.
+
+  `apply_fn` maps (N, h, w, 3) to logits (N, h', w', C) at that resolution
+  or lower.  The windows (`window_starts` on each side) are cut from the
+  static shape at trace time and run through `apply_fn` in one batched call
+  (B·n_windows, h, w, 3); each window's logits are resized (bilinear, the
+  `align_corners` convention) to the window, added into a canvas, and every
+  pixel divided by the number of windows covering it (docs/
+  implementation_notes.md, "Sliding-window inference").
+  """
+  batch, height, width, _ = inputs.shape
+  win_h, win_w = min(window_size, height), min(window_size, width)
+  corners = [(y, x) for y in window_starts(height, window_size, window_stride)
+             for x in window_starts(width, window_size, window_stride)]
+  # Image-major order (B, n) -> B·n: with the batch sharded over a mesh,
+  # each device's windows come from its own images (no resharding).
+  crops = jnp.stack([inputs[:, y:y + win_h, x:x + win_w]
+                     for y, x in corners], axis=1)
+  logits = apply_fn(crops.reshape((batch * len(corners), win_h, win_w) +
+                                  crops.shape[4:])).astype(jnp.float32)
+  logits = resize_bilinear(logits, (win_h, win_w), align_corners)
+  logits = logits.reshape((batch, len(corners)) + logits.shape[1:])
+  canvas = jnp.zeros((batch, height, width, logits.shape[-1]), jnp.float32)
+  # The coverage is static: counted in numpy, a constant of the program.
+  count = np.zeros((height, width), np.float32)
+  for k, (y, x) in enumerate(corners):
+    canvas = canvas.at[:, y:y + win_h, x:x + win_w].add(logits[:, k])
+    count[y:y + win_h, x:x + win_w] += 1
+  return canvas / jnp.asarray(count)[None, :, :, None]
+
+
 def make_predictor(model, normalization: str, *, scales=(1.0,),
                    flip: bool = False, fusion: str = 'mean_probs',
                    align_corners: bool = False, compute_dtype=jnp.float32,
-                   output: str = 'labels', mesh=None) -> Callable:
+                   output: str = 'labels', mesh=None, window_size: int = 0,
+                   window_stride: int = 0) -> Callable:
   """Jitted `predict(variables, images_uint8 (B, S, S, 3))`.
 
   For every scale s (and its horizontal flip) the normalised batch is resized
@@ -45,6 +109,12 @@ def make_predictor(model, normalization: str, *, scales=(1.0,),
   logits then applies softmax (BANA averages cosine logits); 'max_logits'
   takes the element-wise maximum (LPG's multi-scale fusion).
 
+  With `window_size` > 0 every pass runs the model on windows of that side
+  (pixels of the resized, possibly flipped input) every `window_stride`
+  pixels and averages their logits (`slide_logits`, MMSegmentation's 'slide'
+  mode) before bringing them back to S×S; 0 runs it on the whole image.  The
+  windows slide over the padded bucket image, padding included.
+
   Returns float32 probabilities (B, S, S, C) when `output='probs'`, else the
   uint8 argmax labels (B, S, S) (smaller device-to-host transfer); with a
   `mesh` the output stays sharded over its 'data' axis like the input.
@@ -53,6 +123,8 @@ def make_predictor(model, normalization: str, *, scales=(1.0,),
     raise ValueError(f'eval.fusion={fusion!r}; expected one of {FUSIONS}.')
   if not scales or any(s <= 0 for s in scales):
     raise ValueError(f'eval.scales must be positive, got {tuple(scales)}.')
+  check_window(window_size, window_stride)
+  window_size, window_stride = int(window_size), int(window_stride)
   passes = [(float(s), f) for s in scales for f in ((False, True) if flip
                                                     else (False,))]
 
@@ -65,8 +137,14 @@ def make_predictor(model, normalization: str, *, scales=(1.0,),
       inputs = resize_bilinear(x, size, align_corners)
       if flipped:
         inputs = inputs[:, :, ::-1]
-      logits = model.apply(variables, inputs, train=False)['logits']
-      logits = logits.astype(jnp.float32)
+      if window_size:
+        logits = slide_logits(
+            lambda windows: model.apply(variables, windows,
+                                        train=False)['logits'],
+            inputs, window_size, window_stride, align_corners)
+      else:
+        logits = model.apply(variables, inputs, train=False)['logits']
+        logits = logits.astype(jnp.float32)
       if flipped:
         logits = logits[:, :, ::-1]
       logits = resize_bilinear(logits, (height, width), align_corners)
@@ -87,6 +165,19 @@ def make_predictor(model, normalization: str, *, scales=(1.0,),
   if mesh is None:
     return jax.jit(predict)
   return jax.jit(predict, out_shardings=mesh_lib.data_sharded(mesh))
+
+
+def window_config(eval_config) -> dict[str, int]:
+  """`make_predictor`'s window arguments from `config.eval`; configs saved
+  before the fields existed read as 0 (whole image)."""
+  return {'window_size': int(eval_config.get('window_size', 0)),
+          'window_stride': int(eval_config.get('window_stride', 0))}
+
+
+def describe_window(eval_config) -> dict[str, int]:
+  """The window fields for a protocol description; empty when off."""
+  window = window_config(eval_config)
+  return window if window['window_size'] else {}
 
 
 def bucket_size_for(eval_config, index) -> int:
@@ -149,12 +240,15 @@ class Evaluator:
         flip=bool(eval_config.flip), fusion=eval_config.fusion,
         align_corners=bool(eval_config.align_corners),
         compute_dtype=compute_dtype,
-        output='probs' if self.crf_params else 'labels', mesh=mesh)
+        output='probs' if self.crf_params else 'labels', mesh=mesh,
+        **window_config(eval_config))
 
   def describe(self) -> dict[str, Any]:
     return {'split': self.split, 'bucket_size': self.bucket,
             'scales': list(self.config.scales), 'flip': bool(self.config.flip),
-            'fusion': self.config.fusion, 'crf': bool(self.config.crf),
+            'fusion': self.config.fusion,
+            **describe_window(self.config),
+            'crf': bool(self.config.crf),
             **({'crf_backend': self.crf_backend} if self.config.crf else {})}
 
   def __call__(self, variables, *, max_images: int = 0,

@@ -40,7 +40,10 @@ def describe_protocol(protocol: dict[str, Any] | None) -> str:
   return (f"{protocol.get('split')} split, padded to {protocol.get('bucket_size')}"
           f" px, scales {scales}, {'with' if protocol.get('flip') else 'no'} "
           f"flip, fusion {protocol.get('fusion')}, "
-          f"{'with' if protocol.get('crf') else 'no'} CRF")
+          + (f"windows {protocol['window_size']} px every "
+             f"{protocol.get('window_stride')}, "
+             if protocol.get('window_size') else '')
+          + f"{'with' if protocol.get('crf') else 'no'} CRF")
 
 
 EXAMPLE_COLUMNS = ('input', 'ground truth', 'pseudo-mask', 'prediction')

@@ -31,6 +31,14 @@ Layouts (source names -> wsss_jax modules, rule tables in `weight_layouts`):
                           conv1, bn1, layerL.i.{conv1,bn1,conv2.j,bn2.j,conv3,
                           bn3,downsample.{0,1}} -> backbone/layerL/block<i+1>/
                           {conv1,bn1,conv2_j,bn2_j,conv3,bn3,shortcut_*}.
+  lpg_hourglass           LPG's pseudo-mask generator (a one-stack CenterNet
+                          hourglass, wsss_jax.models.hourglass): pre.0.{conv,bn},
+                          pre.1.*, kps.0.[low2.]*{up1,low1,low2,low3}.i.*,
+                          cnvs.0.{conv,bn}, fm.0.0.conv, fm.0.1 -> pre/layers_0,
+                          pre/layers_1, hourglass/[low2/]*<list>_i, cnv,
+                          fm/layers_{0,1}; a residual's skip.{0,1} ->
+                          skip_conv/skip_bn.  Multi-stack keys (kps.1, inters,
+                          inters_, cnvs_) and other heads are errors.
 
 Conversions: conv weight OIHW -> kernel HWIO (a 2-D [out, in] weight becomes a
 1x1 kernel), BN weight/bias/running_mean/running_var -> scale/bias/mean/var;
@@ -44,7 +52,8 @@ feeding RGB to BGR-trained weights, or the reverse).
 
 The result is checked against the wsss_jax model built from the shapes found
 (width, fc_dim, block counts, classes; for psa_resnet38 the backbone plus
-RRM's classifier and segmentation branch): shape mismatches and unrecognised
+RRM's classifier and segmentation branch; for lpg_hourglass the
+HourglassNet of the file's width, input channels and outputs): shape mismatches and unrecognised
 source keys are errors; model keys not produced are reported.
 """
 
@@ -200,7 +209,9 @@ def _flip_first_conv(out: dict) -> bool:
   """Reverses the first conv's input channels in place (BGR <-> RGB)."""
   key = next((k for k in ('params/backbone/conv1_1/kernel',
                           'params/backbone/conv1/kernel',
-                          'params/backbone/conv1a/kernel') if k in out), None)
+                          'params/backbone/conv1a/kernel',
+                          'params/pre/layers_0/conv/kernel') if k in out),
+             None)
   if key is None:
     raise ConversionError('--flip_first_conv: the input has no first conv')
   if out[key].shape[2] != 3:
@@ -233,6 +244,8 @@ def infer_model_config(flat: Mapping[str, np.ndarray], layout: str,
   from wsss_jax import defaults   # pylint: disable=g-import-not-at-top
   def out_channels(key, default):
     return int(flat[key].shape[-1]) if key in flat else default
+  if layout == 'lpg_hourglass':
+    return _hourglass_config(flat, frozen_bn)
   if layout == 'psa_resnet38':
     config = defaults.resnet38_model()
     config.frozen_bn = frozen_bn
@@ -284,6 +297,25 @@ def infer_model_config(flat: Mapping[str, np.ndarray], layout: str,
   return config, num_classes
 
 
+def _hourglass_config(flat: Mapping[str, np.ndarray], frozen_bn: bool):
+  """(config, outputs) of LPG's HourglassNet from converted arrays: width
+  from the stem conv's outputs (48 at width 1), input channels from its
+  inputs (4 or 5 in LPG), outputs from the `fm` head's last conv."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from wsss_jax.models import hourglass  # pylint: disable=g-import-not-at-top
+  stem = 'params/pre/layers_0/conv/kernel'
+  if stem not in flat:
+    raise ConversionError(f'the first conv ({stem}) is missing from the input')
+  head = 'params/fm/layers_1/kernel'
+  config = ml_collections.ConfigDict(dict(
+      backbone='lpg_hourglass',
+      width=int(flat[stem].shape[-1]) / hourglass.STEM_CHANNELS,
+      input_channels=int(flat[stem].shape[2]),
+      frozen_bn=frozen_bn))
+  outputs = int(flat[head].shape[-1]) if head in flat else 2
+  return config, outputs
+
+
 def _rrm_branch_shapes(flat: Mapping[str, np.ndarray], features: int,
                        num_classes: int) -> dict[str, tuple]:
   """Shapes of RRM's classifier and segmentation branch (the `classifier`
@@ -309,6 +341,11 @@ def _model_shapes(flat: Mapping[str, np.ndarray], layout: str, config,
     return {f'{collection}/{prefix}{rest}': tuple(leaf.shape)
             for key, leaf in weights.flatten_variables(variables).items()
             for collection, rest in [key.split('/', 1)]}
+  if layout == 'lpg_hourglass':
+    from wsss_jax.models import hourglass  # pylint: disable=g-import-not-at-top
+    model = hourglass.HourglassNet(width=config.width, num_outputs=num_classes,
+                                   frozen_bn=config.frozen_bn)
+    return shapes(hourglass.abstract_variables(model, config.input_channels))
   if layout != 'psa_resnet38':
     model = build.build_model(config, num_classes)
     return shapes(build.abstract_variables(model))

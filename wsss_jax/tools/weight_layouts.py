@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 LAYOUTS = ('torchvision_vgg16', 'deeplab_vgg16', 'lpg_vgg16',
            'torchvision_resnet101', 'deeplab_resnet101', 'psa_resnet38',
-           'scalenet101')
+           'scalenet101', 'lpg_hourglass')
 
 _VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2',
               'conv3_3', 'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2',
@@ -31,6 +31,14 @@ _MSRA_BRANCH = {'reduce': '1', 'conv3x3': '2', 'increase': '3',
 _PSA_BLOCK = r'(b[2-7](?:_\d)?)'
 _PSA_CONVS = r'(conv_branch1|conv_branch2a|conv_branch2b1|conv_branch2b2)'
 _PSA_BNS = r'(bn_branch2a|bn_branch2b1|bn_branch2b2)'
+# A CenterNet `residual`'s convs and BNs (wsss_jax.models.hourglass.Residual
+# names, the skip nn.Sequential's two members renamed).
+_RESIDUAL_CONVS = r'(conv1|conv2|skip\.0)'
+_RESIDUAL_BNS = r'(bn1|bn2|skip\.1)'
+_RESIDUAL_NAMES = {'skip.0': 'skip_conv', 'skip.1': 'skip_bn'}
+# LPG's one-stack hourglass `kps.0`: any nesting of `low2.` (the level
+# below), then a residual list and its index.
+_HOURGLASS_LIST = r'kps\.0\.((?:low2\.)*)(up1|low1|low2|low3)\.(\d+)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,32 @@ def _scale_branch(m: re.Match) -> str:
   """ScaleNet's branch i conv/BN (`conv2.i`, `bn2.i`) -> `conv2_i`/`bn2_i`."""
   layer, index, op, branch = m.groups()
   return f'backbone/layer{layer}/block{int(index) + 1}/{op}2_{branch}'
+
+
+def _residual(m: re.Match) -> str:
+  """`pre.1.<op>` -> pre/layers_1/<op> (skip.0/1 -> skip_conv/skip_bn)."""
+  op, = m.groups()
+  return f'pre/layers_1/{_RESIDUAL_NAMES.get(op, op)}'
+
+
+def _hourglass_block(m: re.Match) -> str | None:
+  """LPG's `kps.0.[low2.]*<list>.<i>.<op>` -> hourglass/[low2/]*<list>_<i>/
+  <op>, for lists and indices the one-stack hourglass has (else None).
+
+  Level d (d `low2.` prefixes) has BLOCKS[d] residuals in up1/low1/low3;
+  only the bottom level's `low2` is a residual list (BLOCKS[-1] long).
+  """
+  from wsss_jax.models import hourglass  # pylint: disable=g-import-not-at-top
+  nesting, name, index, op = m.groups()
+  depth, index = nesting.count('low2.'), int(index)
+  bottom = len(hourglass.DIMS) - 2
+  if depth > bottom or (name == 'low2' and depth != bottom):
+    return None
+  count = hourglass.BLOCKS[-1] if name == 'low2' else hourglass.BLOCKS[depth]
+  if index >= count:
+    return None
+  return ('hourglass/' + 'low2/' * depth
+          + f'{name}_{index}/{_RESIDUAL_NAMES.get(op, op)}')
 
 
 def _downsample(m: re.Match) -> str:
@@ -138,5 +172,21 @@ RULES = {
         Rule(r'layer([1-4])\.(\d+)\.downsample\.(0)', 'conv', _downsample),
         Rule(r'layer([1-4])\.(\d+)\.downsample\.(1)', 'bn', _downsample),
         Rule(r'fc', 'unused', reason='ImageNet classifier'),
+    ),
+    # LPG's released generator checkpoints (wsss_jax.models.hourglass):
+    # CenterNet's exkp with one stack and the single head `fm`.  A
+    # multi-stack file's kps.1/cnvs.1/inters/inters_/cnvs_ keys and other
+    # heads fit no rule and fail the conversion.
+    'lpg_hourglass': (
+        Rule(r'pre\.0\.conv', 'conv', lambda m: 'pre/layers_0/conv'),
+        Rule(r'pre\.0\.bn', 'bn', lambda m: 'pre/layers_0/bn'),
+        Rule(rf'pre\.1\.{_RESIDUAL_CONVS}', 'conv', _residual),
+        Rule(rf'pre\.1\.{_RESIDUAL_BNS}', 'bn', _residual),
+        Rule(rf'{_HOURGLASS_LIST}\.{_RESIDUAL_CONVS}', 'conv', _hourglass_block),
+        Rule(rf'{_HOURGLASS_LIST}\.{_RESIDUAL_BNS}', 'bn', _hourglass_block),
+        Rule(r'cnvs\.0\.conv', 'conv', lambda m: 'cnv/conv'),
+        Rule(r'cnvs\.0\.bn', 'bn', lambda m: 'cnv/bn'),
+        Rule(r'fm\.0\.0\.conv', 'conv', lambda m: 'fm/layers_0/conv'),
+        Rule(r'fm\.0\.1', 'conv', lambda m: 'fm/layers_1'),
     ),
 }

@@ -62,6 +62,8 @@ class TrainingJob:
     preview: optional (variables) -> uint8 (H, W, 3) image of a few
       validation predictions, written to TensorBoard at each validation.
     config_text: the run's config, written to TensorBoard once.
+    after_validation: optional (step, scores, variables) -> None, called
+      after every validation (e.g. `best.BestWeights.update`).
   """
   name: str
   stage_dir: str
@@ -80,6 +82,7 @@ class TrainingJob:
   learning_rate: Callable[[int], Any] | None = None
   preview: Callable[[Any], Any] | None = None
   config_text: str = ''
+  after_validation: Callable[[int, dict[str, Any], Any], None] | None = None
 
 
 def _duration(seconds: float) -> str:
@@ -187,6 +190,8 @@ def train(job: TrainingJob) -> tuple[Any, dict[str, Any]]:
     scores = job.evaluate(state.variables)
     history.add_val(step, scores)
     history_lib.log_line(job.name + '/val', step, scores)
+    if job.after_validation is not None:
+      job.after_validation(step, scores, state.variables)
     if job.preview is not None and jax.process_index() == 0:
       history.add_image(step, job.preview(state.variables))
   start_step = int(jax.device_get(state.step))

@@ -35,11 +35,14 @@ LossFn = Callable[[dict, dict, LossContext], tuple[jax.Array, dict]]
 
 
 def make_train_step(model, loss_fn: LossFn, normalization: str, mesh,
-                    compute_dtype=jnp.float32) -> Callable:
+                    compute_dtype=jnp.float32,
+                    model_inputs: tuple[str, ...] = ()) -> Callable:
   """Returns jitted `train_step(state, batch) -> (state, metrics)`.
 
   The state buffer is donated; metrics are replicated scalars (loss, the
-  loss function's own terms and the global gradient norm).
+  loss function's own terms and the global gradient norm).  `model_inputs`
+  names batch keys the model takes as keyword arguments besides the images
+  (e.g. LPG's generator reads the boxes).
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -51,7 +54,8 @@ def make_train_step(model, loss_fn: LossFn, normalization: str, mesh,
     def compute_loss(params):
       outputs, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, images,
-          train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+          train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'],
+          **{key: batch[key] for key in model_inputs})
       loss, metrics = loss_fn(outputs, batch,
                               LossContext(state.step, loss_rng, params))
       return loss, (metrics, updates.get('batch_stats', state.batch_stats))

@@ -45,6 +45,64 @@ def test_variants_set_table4_rows_and_official_switches():
     load_config('pus_clip')
 
 
+def test_paper_presets():
+  voc = load_config('voc')
+  assert voc.data.name == 'voc' and voc.data.train_split == 'train_aug'
+  assert voc.pmm.cam_model.backbone == 'scalenet101'
+  assert voc.model.backbone == 'resnet38_psa' and voc.model.head == 'psp'
+  assert (voc.model.psp_channels, voc.model.psp_aux_channels) == (512, 256)
+  assert voc.pmm.multicrop_train and voc.pmm.second_view_scale == 0.3
+  assert voc.pmm.pcm_levels == ('c3', 'c4')
+  assert voc.pmm.classifier_dropout == 0.5
+  assert load_config().pmm.classifier_dropout == 0.0
+  assert (voc.pmm.multicrop_window, voc.pmm.multicrop_stride) == (448, 300)
+  assert voc.pmm.multicrop_scales == pytest.approx(
+      [0.75 + 0.25 * i for i in range(10)])
+  assert (voc.pmm.pus_beta, voc.pmm.pus_kappa, voc.pmm.cycles) == (0.5, 0.5,
+                                                                    1)
+  assert (voc.optim.name, voc.optim.lr, voc.train.num_steps,
+          voc.input.batch_size, voc.input.crop_size) == ('sgd', 0.005, 20000,
+                                                         16, 512)
+  assert (voc.eval.window_size, voc.eval.window_stride) == (512, 480)
+  assert len(voc.eval.scales) == 6 and voc.eval.flip and voc.eval.crf
+  assert voc.pmm.relabel.scales == voc.eval.scales and voc.pmm.relabel.crf
+  assert (voc.pmm.relabel.window_size, voc.pmm.relabel.window_stride) == (
+      512, 480)
+  # The multi-crop stage: 20 epochs of 10,582 images at batch 16.
+  assert voc.pmm.multicrop_steps == 10582 // 16 * 20
+  coco = load_config('coco')
+  assert coco.data.name == 'coco' and coco.data.coco.train_images == (
+      'train2014')
+  assert (coco.pmm.pus_beta, coco.pmm.cycles) == (0.8, 0)
+  assert (coco.input.batch_size, coco.optim.lr, coco.train.num_steps) == (
+      64, 0.02, 40000)
+  code = load_config('coco,official_code')
+  assert (code.input.batch_size, code.optim.lr) == (32, 0.01)
+  assert code.pmm.cyclic_checkpoint == 'best_val'
+  for config in (voc, coco):
+    objective.PMMOptions.from_config(config.pmm)
+    stages = {s.name: s for s in _pipeline(config).stages}
+    assert 'classify_multicrop' in stages
+
+
+def test_best_val_relabels_with_the_best_validation():
+  config = load_config('official_code')
+  assert config.pmm.cyclic_checkpoint == 'best_val'
+  assert config.train.eval_every == config.train.num_steps // 10
+  stages = {s.name: s for s in _pipeline(config).stages}
+  assert 'best_model.npz' in stages['round1/fsss'].outputs
+  # The validations choose an output: their schedule reruns the stage.
+  assert 'train.eval_every' not in stages['round1/fsss'].ignores
+  assert 'eval' not in stages['round1/fsss'].ignores
+  # The last round feeds no other.
+  assert 'best_model.npz' not in stages['round2/fsss'].outputs
+  config.train.eval_every = 0
+  with pytest.raises(ValueError, match='train.eval_every'):
+    _pipeline(config)
+  config.pmm.cycles = 0            # nothing to relabel: no selection
+  _pipeline(config)
+
+
 def test_options_name_the_bad_field():
   config = load_config()
   config.pmm.pus_mode = 'clip'
@@ -191,3 +249,17 @@ def test_tiny_run_end_to_end(tmp_path):
   reran = {s['name'] for s in again['stages'] if s['status'] != 'skipped'}
   assert 'pseudo_masks' not in reran and 'classify' not in reran
   assert 'round1/fsss' in reran
+  # The official best-val selection: round 2 learns from the labels of
+  # round 1's best periodic validation, recorded with its protocol.
+  config = load_config('tiny')
+  config.pmm.cyclic_checkpoint = 'best_val'
+  config.train.eval_every = 1
+  again = run.train_and_evaluate(config, str(tmp_path))
+  reran = {s['name'] for s in again['stages'] if s['status'] != 'skipped'}
+  assert {'round1/fsss', 'round2/relabel'} <= reran
+  assert 'pseudo_masks' not in reran
+  selected = again['pmm']['rounds'][0]['selected_checkpoint']
+  assert selected['step'] in (1, 2) and selected['split'] == 'val'
+  assert selected['protocol']['crf'] is True
+  assert again['pmm']['cyclic_checkpoint'] == 'best_val'
+  assert (tmp_path / 'round1' / 'fsss' / 'best_model.npz').exists()

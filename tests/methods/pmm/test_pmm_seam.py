@@ -399,3 +399,36 @@ def test_bad_arguments_raise_value_error():
     L.equivariance_loss(ECR_CAM1, ECR_CAM2, jnp.ones((1, 3)))
   with pytest.raises(ValueError, match='cam_rv'):
     L.adaptive_min_pooling_loss(jnp.ones((2, 2, 2)), ONE)
+
+
+def test_classifier_dropout_drops_whole_channels_in_training_only():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Features(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return {'features': x[:, ::8, ::8] * 0 + 1.0,
+              'levels': {'c4': x[:, ::8, ::8], 'c5': x[:, ::8, ::8]}}
+
+  net = seam.SEAMNet(backbone=Features(), num_classes=3,
+                     classifier_dropout=0.5)
+  x = jnp.ones((2, 16, 16, 3))
+  variables = net.init(jax.random.PRNGKey(0), x, train=False)
+  kernel = variables['params']['classifier']['kernel']
+  variables = {'params': {**variables['params'], 'classifier': {
+      'kernel': jnp.ones_like(kernel)}}}
+  # Inference: no dropout, every feature channel (3 of value 1) counts.
+  cam = net.apply(variables, x, train=False)['cam1']
+  np.testing.assert_allclose(cam, 3.0, rtol=1e-6)
+  # Training: each (image, channel) is kept x2 or dropped, the same at every
+  # pixel, so the raw CAM is constant per image and a multiple of 2.
+  out = net.apply(variables, x, train=True,
+                  rngs={'dropout': jax.random.PRNGKey(3)})
+  cam = np.asarray(out['cam1'])
+  for image in cam:
+    np.testing.assert_allclose(image, image.flat[0], rtol=1e-6)
+    assert image.flat[0] in (0.0, 2.0, 4.0, 6.0)
+  assert set(cam[:, 0, 0, 0]) != {6.0}      # something was dropped
+  with pytest.raises(ValueError, match='classifier_dropout'):
+    seam.SEAMNet(backbone=Features(), num_classes=3,
+                 classifier_dropout=1.0).init(jax.random.PRNGKey(0), x)

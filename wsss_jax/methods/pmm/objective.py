@@ -30,7 +30,7 @@ RVMIN_STAGES = ('multicrop', 'both', 'none')
 LAYOUTS = ('paper', 'pmm_code')
 NORMALISATIONS = ('eq1', 'pmm_code')
 COLOUR_ORDERS = ('rgb', 'bgr')
-CYCLIC_CHECKPOINTS = ('final',)
+CYCLIC_CHECKPOINTS = ('final', 'best_val')
 
 
 @dataclasses.dataclass(frozen=True)

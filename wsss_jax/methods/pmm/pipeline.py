@@ -66,8 +66,9 @@ SEGMENTER_FIELDS = (
 # change there changes the labels, whose stage then reruns them anyway).
 CAM_FIELDS = tuple(f'pmm.{name}' for name in (
     'cam_model', 'second_view_scale', 'pcm_levels', 'pcm_channels',
+    'classifier_dropout',
     'ecr_top', 'rvmin_loss', 'classify_steps', 'classify_lr',
-    'classify_head_lr_mult',
+    'classify_head_lr_mult', 'classify_crop_size', 'classify_scale_range',
     'classify_batch_size', 'multicrop_steps'))
 
 
@@ -75,9 +76,17 @@ def classify_config(config, *, multicrop_window: int | None = None):
   """The run config as the classification stages see it: the CAM network
   (`pmm.cam_model`), its rate and batch (`pmm.classify_lr`,
   `.classify_batch_size`), its new layers as the head group at
-  `pmm.classify_head_lr_mult` times the rate (biases twice that) and, for
-  multi-crop training, the window as the crop."""
+  `pmm.classify_head_lr_mult` times the rate (biases twice that), its crop
+  and scale range (`pmm.classify_crop_size`, `.classify_scale_range`; 0 and
+  () keep `config.input`'s) and, for multi-crop training, the window as the
+  crop."""
   config = config.copy_and_resolve_references()
+  crop = int(config.pmm.get('classify_crop_size', 0) or 0)
+  if crop:
+    config.input.crop_size = crop
+  scale_range = tuple(config.pmm.get('classify_scale_range', ()) or ())
+  if scale_range:
+    config.input.scale_range = scale_range
   config.model = config.pmm.cam_model
   config.optim.lr = float(config.pmm.classify_lr)
   config.optim.head_modules = ('classifier', 'pcm')
@@ -93,12 +102,14 @@ def classify_config(config, *, multicrop_window: int | None = None):
 
 def relabel_eval_config(config):
   """How a round's network labels the training split for the next
-  (`pmm.relabel`: scales, flip, CRF; the official code: 6 scales × flip,
-  sliding window, the test CRF)."""
+  (`pmm.relabel`: scales, flip, CRF, sliding windows; the official code:
+  6 scales × flip, windows 512 at stride 480, the test CRF)."""
   eval_config = config.eval.copy_and_resolve_references()
   relabel = config.pmm.relabel
   eval_config.update(scales=tuple(relabel.scales), flip=bool(relabel.flip),
-                     crf=bool(relabel.crf))
+                     crf=bool(relabel.crf),
+                     window_size=int(relabel.get('window_size', 0)),
+                     window_stride=int(relabel.get('window_stride', 0)))
   eval_config.crf_params = relabel.crf_params
   return eval_config
 
@@ -138,6 +149,14 @@ def pipeline(rt: Runtime) -> MethodPipeline:
       description='multi-crop CAM -> CVS + PPMG (Algorithm 1)'))
   stages = [_with_ignores(stage, SEGMENTER_FIELDS) for stage in stages]
 
+  round_count = options.cycles + 1
+  best_val = options.cyclic_checkpoint == 'best_val'
+  if best_val and options.cycles and int(rt.config.train.eval_every) <= 0:
+    raise ValueError(
+        "pmm.cyclic_checkpoint='best_val' relabels with the round's best "
+        'periodic validation: set train.eval_every > 0 (the official code '
+        'validates every 2,000 of 20,000 steps).')
+
   def build_round(k, name):
     if k == 1:
       labels = os.path.join('pseudo_masks', generate.PPMG)
@@ -145,8 +164,9 @@ def pipeline(rt: Runtime) -> MethodPipeline:
     else:
       relabel = cs.prediction_label_stage(
           rt, name('relabel'), round_name_of(k - 1, 'fsss'),
-          relabel_eval_config(rt.config),
-          description='cyclic pseudo-masks: the last network labels the '
+          relabel_eval_config(rt.config), best=best_val,
+          description='cyclic pseudo-masks: the '
+          + ('best-val' if best_val else 'last') + ' network labels the '
           'training split')
       round_stages = [relabel]
       labels = cs.label_path(name('relabel'))
@@ -155,6 +175,10 @@ def pipeline(rt: Runtime) -> MethodPipeline:
             rt, name('fsss'),
             loss_fn=objective.segmentation_loss(options, use_pus=(k == 1)),
             label_folders={objective.PSEUDO_KEY: labels},
+            # The official cyclic step relabels with the checkpoint of the
+            # best val mIoU under the test protocol (config.eval).
+            keep_best=best_val and k < round_count,
+            selection_eval=rt.config.eval if best_val else None,
             description=('PSPNet on the PPMG labels with PUS' if k == 1 else
                          'PSPNet on the cyclic pseudo-masks, without PUS')),
         cs.evaluate_stage(rt, name('fsss'), name=name('evaluate'),
@@ -165,7 +189,6 @@ def pipeline(rt: Runtime) -> MethodPipeline:
     own = CAM_FIELDS + ('pmm.cycles',) + (('pmm.relabel',) if k == 1 else ())
     return [_with_ignores(stage, own) for stage in round_stages]
 
-  round_count = options.cycles + 1
   stages += rounds(round_count, build_round)
   last = round_name_of(round_count, '')
   train_stages = tuple(stage.name for stage in stages
@@ -351,6 +374,14 @@ def _extra_results(options: objective.PMMOptions, round_count: int,
            'val_miou': scores.get('miou')}
     if 'without_crf' in scores:
       row['val_miou_without_crf'] = scores['without_crf']['miou']
+    best = by_stage.get(round_name_of(k, 'fsss'), {}).get('best')
+    if best:
+      # Which checkpoint labelled the next round; chosen on val.
+      row['selected_checkpoint'] = {
+          'step': best.get('step'), 'val_miou': best.get('score'),
+          'split': (best.get('protocol') or {}).get('split'),
+          'protocol': best.get('protocol'),
+          'max_images': best.get('max_images')}
     relabel = by_stage.get(round_name_of(k, 'relabel'), {}).get('quality')
     if relabel:
       row['label_miou'] = relabel['miou']

@@ -178,6 +178,8 @@ class SEAMNet(nn.Module):
       features' grid when theirs differs.
     pcm_channels: output channels of f8_3 and f8_4 (SEAM: 64, 128).
     pcm_dim: output channels of f9 (SEAM: 192).
+    classifier_dropout: channel dropout (Dropout2d) of the features before
+      the classifier in training (SEAM's code: 0.5; 0 = none).
     dtype: computation dtype; maps are returned in float32.
   """
   backbone: nn.Module
@@ -186,6 +188,7 @@ class SEAMNet(nn.Module):
   pcm_levels: Sequence[str] = DEFAULT_PCM_LEVELS
   pcm_channels: Sequence[int] = DEFAULT_PCM_CHANNELS
   pcm_dim: int = PCM_DIM
+  classifier_dropout: float = 0.0
   dtype: layers.Dtype = jnp.float32
 
   def setup(self):
@@ -205,6 +208,12 @@ class SEAMNet(nn.Module):
                                     dtype=self.dtype,
                                     kernel_init=CLASSIFIER_INIT,
                                     name='classifier')
+    if not 0.0 <= self.classifier_dropout < 1.0:
+      raise ValueError(f'classifier_dropout must be in [0, 1), got '
+                       f'{self.classifier_dropout}')
+    # Dropout2d: whole channels, the same mask over the spatial axes.
+    self.dropout = nn.Dropout(float(self.classifier_dropout),
+                              broadcast_dims=(1, 2))
     self.pcm = PCMFeatures(tuple(int(c) for c in self.pcm_channels),
                            int(self.pcm_dim), self.dtype, name='pcm')
 
@@ -226,7 +235,10 @@ class SEAMNet(nn.Module):
     """
     height, width = images.shape[1:3]
     out = self.backbone(images, train=train)
-    cam = self.classifier(out['features']).astype(jnp.float32)
+    features = out['features']
+    if self.classifier_dropout:
+      features = self.dropout(features, deterministic=not train)
+    cam = self.classifier(features).astype(jnp.float32)
     grid = cam.shape[1:3]
     feats = self.pcm(resize_bilinear(images, grid, align_corners=True),
                      self._level(out, 0, grid), self._level(out, 1, grid))
@@ -279,8 +291,8 @@ def _field(section: Any, name: str, default: Any) -> Any:
 def build_seam_model(config, num_classes: int, dtype: Any = jnp.float32
                      ) -> SEAMNet:
   """The SEAM network of `config.model` (backbone) and `config.pmm`
-  (`second_view_scale`, `pcm_levels`, `pcm_channels`; each defaults to
-  SEAM's value when absent, as does the whole section)."""
+  (`second_view_scale`, `pcm_levels`, `pcm_channels`, `classifier_dropout`;
+  an absent field, or section, takes SEAM's value, except the dropout: 0)."""
   section = config.get('pmm', None) if hasattr(config, 'get') else getattr(
       config, 'pmm', None)
   levels = tuple(str(n) for n in _field(section, 'pcm_levels',
@@ -299,7 +311,9 @@ def build_seam_model(config, num_classes: int, dtype: Any = jnp.float32
   if int(num_classes) < 2:
     raise ValueError(f'num_classes must be >= 2 (background included), got '
                      f'{num_classes}')
+  dropout = float(_field(section, 'classifier_dropout', 0.0))
   return SEAMNet(backbone=build.build_backbone(config.model, dtype),
                  num_classes=int(num_classes), second_view_scale=scale,
                  pcm_levels=levels, pcm_channels=channels,
+                 classifier_dropout=dropout,
                  dtype=build.compute_dtype(dtype))
