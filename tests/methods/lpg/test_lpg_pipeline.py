@@ -267,3 +267,21 @@ def test_tiny_run_end_to_end(tmp_path):
   assert fixed['lpg']['stages'][0]['generator'] == 2
   with open(tmp_path / 'results.json') as f:
     assert json.load(f)['lpg']['schedule'] == 'fixed'
+
+
+def test_semi_loss_uses_ground_truth_only_on_labelled_images():
+  # Image 0 is in the labelled share (its semi map is not all 255), image 1
+  # is not: its pseudo-mask is used.  Logits favour class 1 everywhere.
+  logits = jnp.zeros((2, 1, 1, 2)).at[..., 1].set(np.log(3.0))
+  semi = np.full((2, 1, 1), 255, np.uint8)
+  semi[0] = 0                                   # ground truth: background
+  pseudo = np.ones((2, 1, 1), np.uint8)         # pseudo-mask: class 1
+  batch = {objective.SEMI_KEY: jnp.asarray(semi),
+           objective.PSEUDO_KEY: jnp.asarray(pseudo)}
+  context = LossContext(jnp.asarray(0), jax.random.PRNGKey(0), None)
+  loss, metrics = objective.semi_cross_entropy()({'logits': logits}, batch,
+                                                 context)
+  # p(class 1) = 3/4: CE log 4 on image 0 (truth 0), log(4/3) on image 1.
+  np.testing.assert_allclose(loss, (np.log(4.0) + np.log(4.0 / 3.0)) / 2,
+                             rtol=1e-5)
+  assert float(metrics['labelled_share']) == 0.5

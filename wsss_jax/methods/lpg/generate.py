@@ -15,7 +15,6 @@ entries are the auxiliary f) and the target set's f of the previous stage
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Mapping
 
 import jax
@@ -125,7 +124,3 @@ def label_job(variables, first, batch_size: int) -> engine.LabelJob:
       batch_size=int(batch_size), box_rows=8, counted=('truncated',),
       desc='LPG masks')
 
-
-def image_side(height: int, width: int) -> int:
-  """The padded side g needs for an image (a multiple of 128)."""
-  return int(math.ceil(max(height, width) / 128) * 128)

@@ -258,9 +258,11 @@ def _label_stage(rt: Runtime, name: str, net, options, *,
            if segmenter_stage else None))
       first = generate.label_pass(net, rt.normalization, options.fusion,
                                   rt.compute_dtype)
-      counts = engine_run(rt, generate.label_job(variables, first,
-                                                 batch_size),
-                          index, folder)
+      counts = engine.run(
+          generate.label_job(variables, first, batch_size),
+          rt.dataset.source(rt.train_split), index.image_ids,
+          {generate.LABEL: folder},
+          sizes=list(zip(index.heights, index.widths)))
     mesh_lib.barrier(f'lpg-labels-{stage_dir}')
     out = {'generation': json_safe(counts),
            'quality': segmentation.label_quality(rt, folder.root)}
@@ -271,12 +273,6 @@ def _label_stage(rt: Runtime, name: str, net, options, *,
   return Stage(name, run, outputs=(cs.LABELS,),
                ignores=cs.LABEL_STAGE_IGNORES,
                description=f'the masks of {generator_stage}')
-
-
-def engine_run(rt: Runtime, job, index, folder) -> dict[str, Any]:
-  return engine.run(job, rt.dataset.source(rt.train_split), index.image_ids,
-                    {generate.LABEL: folder},
-                    sizes=list(zip(index.heights, index.widths)))
 
 
 def _extra_results(options: objective.LPGOptions,
